@@ -1,0 +1,57 @@
+"""entk: the empirical neural tangent kernel of JAX, PyTorch and TensorFlow models.
+
+    Θ(x1, x2) = J(x1) J(x2)ᵀ,   J = ∂f(params, x)/∂params
+
+Importing entk needs only JAX: adapters (torch, TensorFlow, Flax), the stax library, prediction and
+scale utilities are imported on first use of the name that needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from entk.algorithms import Strategy
+from entk.model import Model
+
+__version__ = "0.1.0"
+
+# Public name -> "module:attribute" (or "module" for a submodule), resolved on first access.
+_LAZY = {
+    "empirical_ntk_fn": "entk.empirical:empirical_ntk_fn",
+    "empirical_nngp_fn": "entk.empirical:empirical_nngp_fn",
+    "empirical_kernel_fn": "entk.empirical:empirical_kernel_fn",
+    "empirical_ntk_vp_fn": "entk.empirical:empirical_ntk_vp_fn",
+    "ntk": "entk.empirical:ntk",
+    "linearize": "entk.linearize:linearize",
+    "taylor_expand": "entk.linearize:taylor_expand",
+    "from_flax": "entk.adapters.flax:from_flax",
+    "from_torch": "entk.adapters.torch:from_torch",
+    "from_tf": "entk.adapters.tf:from_tf",
+    "compare": "entk.algorithms.cost:compare",
+    "monte_carlo_kernel_fn": "entk.stax.monte_carlo:monte_carlo_kernel_fn",
+    "batch": "entk.scale:batch",
+    "compute_kernel": "entk.scale:compute_kernel",
+    "stax": "entk.stax",
+    "predict": "entk.predict",
+    "metrics": "entk.metrics",
+    "algorithms": "entk.algorithms",
+    "adapters": "entk.adapters",
+}
+
+__all__ = ["Model", "Strategy", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module 'entk' has no attribute {name!r}")
+    module_name, _, attr = target.partition(":")
+    module = importlib.import_module(module_name)
+    value = getattr(module, attr) if attr else module
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
