@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import importlib
+import importlib.util
 from typing import Any, Callable, Protocol
 
 from entk.algorithms.axes import KernelAxes, VmapAxes
@@ -110,10 +111,20 @@ def get(strategy: Strategy | str | int) -> KernelAlgorithm:
     return target
 
 
+def is_available(strategy: Strategy | str | int) -> bool:
+    """Whether a concrete strategy is registered and its module can be found."""
+    target = _REGISTRY.get(Strategy.parse(strategy))
+    if target is None:
+        return False
+    if isinstance(target, str):
+        return importlib.util.find_spec(target.split(":")[0]) is not None
+    return True
+
+
 def concrete_strategies() -> tuple[Strategy, ...]:
-    """Every registered strategy other than AUTO, in enum order."""
-    return tuple(s for s in Strategy if s in _REGISTRY)
+    """Every available strategy other than AUTO, in enum order."""
+    return tuple(s for s in Strategy if s is not Strategy.AUTO and is_available(s))
 
 
 __all__ = ["Strategy", "KernelAlgorithm", "KernelAxes", "VmapAxes", "register", "get",
-           "concrete_strategies"]
+           "is_available", "concrete_strategies"]

@@ -83,6 +83,12 @@ class LeafAxes:
             out.extend((shape1[i],) if i in self.diagonal else (shape1[i], shape2[i]))
         return tuple(out)
 
+    def output_position(self, axis: int) -> int:
+        """Where a diagonal or free axis (its x1 side, for a free one) lands in the output layout."""
+        if axis in self.trace:
+            raise ValueError(f"Axis {axis} is traced; it does not appear in the kernel.")
+        return sum(0 if a in self.trace else 1 if a in self.diagonal else 2 for a in range(axis))
+
     def _output_permutation(self) -> tuple[int, ...]:
         n_diag, n_free = len(self.diagonal), len(self.free)
         perm: list[int] = []

@@ -1,0 +1,409 @@
+"""A JAX function whose body runs in another framework (PyTorch, TensorFlow), with every transform.
+
+`jax.pure_callback` alone gives JAX a primal and nothing else: no `jvp`, no transpose, and batching
+only by looping. Empirical NTKs need all of them — Jacobian contraction is `vmap(vjp)`, NTK-vector
+products are `vmap(jvp ∘ vjp)`, both optionally under a `vmap` over examples and under `jit`. This
+module gives a foreign function the full set by binding one JAX primitive, `foreign_call`, in three
+flavours (the primitive's `kind`):
+
+    primal:  (x_0 … x_{n-1})                 -> outputs            foreign forward pass
+    jvp:     (x_0 … x_{n-1}, t_a for a in A) -> output tangents     foreign forward mode
+    vjp:     (x_0 … x_{n-1}, ct per output)  -> cotangent of x_a    foreign reverse mode
+
+`A` (the primitive's `argnums`) lists the operands that carry a non-zero tangent, so a kernel that
+differentiates only the parameters never asks the foreign framework for input derivatives. The rules:
+
+- JVP of `primal` is `jvp`; `jvp` and `vjp` are linear in their tangent / cotangent operands and each
+  is the other's transpose, so `jax.vjp`, `jax.linearize`, `jax.jacrev`, `jax.linear_transpose` and
+  forward-over-transpose all work. Second derivatives (a non-zero tangent on a residual operand `x`)
+  raise, because the bridges only expose first-order foreign derivatives.
+- Batching never loops in Python when the framework has a vmap: each `jax.vmap` level moves its axis
+  to the front and records, per operand, whether it is batched at that level (`in_batched`). At run
+  time all levels are collapsed into one leading axis (operands batched at only some levels are
+  broadcast) and the foreign function is called once through the framework's own vmap
+  (`torch.func.vmap`, `tf.vectorized_map`). A framework whose vmap rejects the function falls back
+  to a loop, with one warning.
+- Lowering (`jit`) and eager evaluation run the foreign code on the host through `jax.pure_callback`;
+  arrays cross via DLPack / NumPy views without copies on CPU.
+
+A framework plugs in with a `ForeignBackend` (array conversion and vmap) and a `ForeignFunction`
+(primal, jvp and vjp callables working on that framework's tensors). Nothing here imports a
+framework.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import threading
+import warnings
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+__all__ = ["ForeignBackend", "ForeignFunction", "foreign_call_p", "infer_out_specs_by_running"]
+
+Tensor = Any  # a tensor of the foreign framework
+Spec = jax.ShapeDtypeStruct
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ForeignBackend:
+    """How to move arrays into and out of a framework, and how to vectorize a function in it.
+
+    Attributes:
+      name: the framework's name, used in messages (`"torch"`, `"tensorflow"`).
+      to_foreign: host array (NumPy array, possibly read-only, or a CPU `jax.Array`) -> framework
+        tensor. Should not copy where the framework allows (DLPack).
+      to_host: framework tensor -> NumPy array (a view where possible).
+      vmap: `vmap(fn, in_axes) -> batched_fn` where `fn(*tensors) -> tuple of tensors`, `in_axes[i]`
+        is `0` (operand `i` has a leading batch axis) or `None` (shared by every batch element), and
+        `batched_fn` returns every output with a leading batch axis. `None` when the framework has no
+        vectorizing map: batches then loop in Python.
+    """
+
+    name: str
+    to_foreign: Callable[[Any], Tensor]
+    to_host: Callable[[Tensor], np.ndarray]
+    vmap: Callable[[Callable[..., Sequence[Tensor]], tuple], Callable[..., Sequence[Tensor]]] | None = None
+
+
+class ForeignFunction:
+    """A function of `n` arrays returning a tuple of floating-point arrays, implemented in a framework.
+
+    Callables (all on the framework's tensors, all returning sequences of tensors):
+      primal(*xs) -> outputs
+      jvp(argnums, xs, tangents) -> one tangent per output; `tangents[k]` belongs to `xs[argnums[k]]`.
+      vjp(argnums, xs, cotangents) -> one cotangent per `argnums` entry; `cotangents` has one entry per
+        output.
+      out_specs(in_specs) -> the output `jax.ShapeDtypeStruct`s for inputs of the given shapes and
+        dtypes (no batch axes). Called once per new input signature; see
+        `infer_out_specs_by_running`.
+
+    Calling the object with JAX arrays (or tracers) binds `foreign_call` and returns a tuple of JAX
+    arrays; it then supports `jit`, `vmap`, `jvp`, `vjp`, `linearize`, `jacrev`, `jacfwd`.
+    Instances hash by identity, so they can be primitive parameters and `jit` cache keys.
+    """
+
+    def __init__(self, backend: ForeignBackend, primal: Callable[..., Sequence[Tensor]],
+                 jvp: Callable[[tuple, tuple, tuple], Sequence[Tensor]],
+                 vjp: Callable[[tuple, tuple, tuple], Sequence[Tensor]],
+                 out_specs: Callable[[tuple[Spec, ...]], tuple[Spec, ...]], *, name: str = "foreign"):
+        self.backend = backend
+        self.primal = primal
+        self.jvp = jvp
+        self.vjp = vjp
+        self.name = name
+        self._out_specs_fn = out_specs
+        self._out_specs_cache: dict[tuple, tuple[Spec, ...]] = {}
+        self._batched_cache: dict[tuple, Callable] = {}
+        self._vmap_choice: dict[tuple, int] = {}  # index into _vmap_variants; len() = loop
+        self._lock = threading.RLock()
+
+    def __repr__(self) -> str:
+        return f"ForeignFunction({self.name!r}, backend={self.backend.name!r})"
+
+    def out_specs(self, in_specs: Sequence[Spec]) -> tuple[Spec, ...]:
+        """Output shapes/dtypes for unbatched inputs of `in_specs` (cached per signature)."""
+        key = tuple((tuple(s.shape), np.dtype(s.dtype)) for s in in_specs)
+        with self._lock:
+            specs = self._out_specs_cache.get(key)
+            if specs is None:
+                specs = tuple(self._out_specs_fn(tuple(Spec(s, d) for s, d in key)))
+                for i, spec in enumerate(specs):
+                    if not jnp.issubdtype(spec.dtype, jnp.inexact):
+                        raise TypeError(
+                            f"{self.name}: output {i} has dtype {np.dtype(spec.dtype).name}; a foreign "
+                            f"function seen by JAX must return floating-point arrays only (the kernel "
+                            f"differentiates them). Return integer results from a separate function.")
+                self._out_specs_cache[key] = specs
+            return specs
+
+    def __call__(self, *args: Any) -> tuple[jax.Array, ...]:
+        args = tuple(jnp.asarray(a) for a in args)
+        n_out = len(self.out_specs([Spec(a.shape, a.dtype) for a in args]))
+        return tuple(foreign_call_p.bind(
+            *args, fn=self, kind="primal", argnums=(), n_in=len(args), batch_sizes=(),
+            in_batched=((),) * len(args), out_batched=((),) * n_out))
+
+    # -- host-side execution -----------------------------------------------------------------------
+
+    def _positional(self, kind: str, argnums: tuple[int, ...], n_in: int) -> Callable[..., Sequence]:
+        """The foreign callable for `kind` as a function of all operands, positionally."""
+        if kind == "primal":
+            return lambda *ops: tuple(self.primal(*ops))
+        if kind == "jvp":
+            return lambda *ops: tuple(self.jvp(argnums, ops[:n_in], ops[n_in:]))
+        return lambda *ops: tuple(self.vjp(argnums, ops[:n_in], ops[n_in:]))
+
+    def _batched(self, kind: str, argnums: tuple[int, ...], n_in: int,
+                 in_axes: tuple) -> Callable[..., Sequence] | None:
+        """The framework-vmapped callable (cached so frameworks can reuse compiled traces)."""
+        if self.backend.vmap is None:
+            return None
+        key = (kind, argnums, n_in, in_axes)
+        with self._lock:
+            fn = self._batched_cache.get(key)
+            if fn is None:
+                fn = self.backend.vmap(self._positional(kind, argnums, n_in), in_axes)
+                self._batched_cache[key] = fn
+            return fn
+
+    def run_host(self, operands: Sequence[Any], *, kind: str, argnums: tuple[int, ...], n_in: int,
+                 batch_sizes: tuple[int, ...], in_batched: tuple, out_specs: Sequence[Spec],
+                 out_batched: tuple) -> list[np.ndarray]:
+        """Evaluates one `foreign_call` on host arrays; returns NumPy arrays matching `out_specs`.
+
+        `out_specs` are the full (batched) output avals; `out_batched[j][l]` False means output `j`
+        is summed over batch level `l` (a transposed operand that was not batched at that level).
+        """
+        sizes = tuple(batch_sizes)
+        levels = len(sizes)
+        total = math.prod(sizes)
+        host_ops, in_axes = [], []
+        for op, flags in zip(operands, in_batched):
+            a = np.asarray(op)
+            if not any(flags):
+                host_ops.append(a)
+                in_axes.append(None)
+                continue
+            if not all(flags):  # batched at some levels only: broadcast to every level
+                base = a.shape[sum(flags):]
+                expanded = a.reshape(tuple(s if f else 1 for s, f in zip(sizes, flags)) + base)
+                a = np.broadcast_to(expanded, sizes + base)
+            host_ops.append(np.ascontiguousarray(a).reshape((total,) + a.shape[levels:]))
+            in_axes.append(0)
+        in_axes = tuple(in_axes)
+
+        if levels == 0:
+            fn = self._positional(kind, argnums, n_in)
+            outs = [self.backend.to_host(o) for o in fn(*map(self.backend.to_foreign, host_ops))]
+        else:
+            outs = self._run_batched(kind, argnums, n_in, in_axes, host_ops, total)
+        if len(outs) != len(out_specs):
+            raise ValueError(f"{self.name}: the {self.backend.name} {kind} returned {len(outs)} outputs, "
+                             f"expected {len(out_specs)}.")
+
+        results = []
+        for j, (out, spec, flags) in enumerate(zip(outs, out_specs, out_batched)):
+            out = np.asarray(out)
+            if levels:
+                out = out.reshape(sizes + out.shape[1:])
+                summed = tuple(l for l, f in enumerate(flags) if not f)
+                if summed:
+                    out = out.sum(axis=summed)
+            if out.shape != tuple(spec.shape):
+                raise ValueError(f"{self.name}: the {self.backend.name} {kind} returned output {j} of shape "
+                                 f"{out.shape}, expected {tuple(spec.shape)}.")
+            results.append(out.astype(spec.dtype, copy=False))
+        return results
+
+    def _vmap_variants(self, kind: str, argnums: tuple[int, ...], in_axes: tuple) -> list[tuple]:
+        """The `in_axes` to try, in order, before looping.
+
+        Some framework kernels accumulate into an unbatched buffer during a batched backward pass
+        (torch's LSTM does, when the cotangent is batched but the weights are not). Batching the
+        differentiated operands as well avoids that; for a VJP this costs no more memory than its
+        own output, so it is the one retry worth making.
+        """
+        variants = [in_axes]
+        if kind == "vjp":
+            forced = tuple(0 if i in argnums else ax for i, ax in enumerate(in_axes))
+            if forced != in_axes:
+                variants.append(forced)
+        return variants
+
+    def _run_batched(self, kind, argnums, n_in, in_axes, host_ops, total) -> list[np.ndarray]:
+        to_foreign, to_host = self.backend.to_foreign, self.backend.to_host
+        key = (kind, argnums, n_in, in_axes)
+        variants = self._vmap_variants(kind, argnums, in_axes)
+        errors = []
+        for index in range(self._vmap_choice.get(key, 0), len(variants)):
+            axes = variants[index]
+            batched = self._batched(kind, argnums, n_in, axes)
+            if batched is None:
+                break
+            ops = [op if old == new else np.broadcast_to(op, (total,) + op.shape)
+                   for op, old, new in zip(host_ops, in_axes, axes)]
+            try:
+                outs = [to_host(o) for o in batched(*map(to_foreign, ops))]
+            except Exception as err:  # the framework's vmap could not vectorize this function
+                errors.append(err)
+                continue
+            with self._lock:
+                self._vmap_choice[key] = index
+            return outs
+        with self._lock:
+            first_failure = self._vmap_choice.get(key) != len(variants)
+            self._vmap_choice[key] = len(variants)
+        if errors and first_failure:
+            err = errors[0]
+            message = str(err).splitlines()[0] if str(err) else ""
+            warnings.warn(
+                f"{self.name}: {self.backend.name}'s vmap failed on the {kind} ({type(err).__name__}: "
+                f"{message}); looping over the batch of {total} in Python instead (correct but slower).",
+                RuntimeWarning, stacklevel=2)
+        fn = self._positional(kind, argnums, n_in)
+        per_item = []
+        for b in range(total):
+            ops = [to_foreign(op[b] if ax == 0 else op) for op, ax in zip(host_ops, in_axes)]
+            per_item.append([to_host(o) for o in fn(*ops)])
+        return [np.stack([item[j] for item in per_item]) for j in range(len(per_item[0]))]
+
+
+def infer_out_specs_by_running(backend: ForeignBackend, primal: Callable[..., Sequence[Tensor]],
+                               in_specs: Sequence[Spec]) -> tuple[Spec, ...]:
+    """Output specs found by running `primal` once on zeros of the given shapes.
+
+    Zeros are valid for integer inputs (token ids, indices) as well; a model whose output *shape*
+    depends on input values cannot be bridged anyway.
+    """
+    outs = primal(*(backend.to_foreign(np.zeros(s.shape, s.dtype)) for s in in_specs))
+    specs = []
+    for o in outs:
+        h = backend.to_host(o)
+        specs.append(Spec(h.shape, h.dtype))
+    return tuple(specs)
+
+
+# --- the primitive ---------------------------------------------------------------------------------
+
+foreign_call_p = Primitive("foreign_call")
+foreign_call_p.multiple_results = True
+
+_KINDS = ("primal", "jvp", "vjp")
+
+
+def _batch_shape(sizes: tuple[int, ...], flags: tuple[bool, ...]) -> tuple[int, ...]:
+    return tuple(s for s, f in zip(sizes, flags) if f)
+
+
+def _base_specs(avals, in_batched) -> list[Spec]:
+    return [Spec(a.shape[sum(flags):], a.dtype) for a, flags in zip(avals, in_batched)]
+
+
+def _out_avals(avals, *, fn: ForeignFunction, kind, argnums, n_in, batch_sizes, in_batched,
+               out_batched) -> list[jax.core.ShapedArray]:
+    base = _base_specs(avals, in_batched)
+    if kind in ("primal", "jvp"):
+        out_base = fn.out_specs(base[:n_in])
+    elif kind == "vjp":
+        out_base = [base[i] for i in argnums]
+    else:
+        raise ValueError(f"foreign_call: unknown kind {kind!r}; expected one of {_KINDS}.")
+    if len(out_base) != len(out_batched):
+        raise ValueError(f"{fn.name}: {len(out_base)} outputs but {len(out_batched)} batch specs.")
+    return [jax.core.ShapedArray(_batch_shape(batch_sizes, flags) + tuple(s.shape), s.dtype)
+            for s, flags in zip(out_base, out_batched)]
+
+
+foreign_call_p.def_abstract_eval(lambda *avals, **params: _out_avals(avals, **params))
+
+
+def _host_call(*operands, **params):
+    out_specs = [Spec(a.shape, a.dtype) for a in _out_avals([jax.typeof(x) for x in operands], **params)]
+    return out_specs, functools.partial(_host_entry, params=params, out_specs=out_specs)
+
+
+def _host_entry(*operands, params, out_specs):
+    params = dict(params)
+    fn = params.pop("fn")
+    return tuple(fn.run_host(operands, out_specs=out_specs, **params))
+
+
+def _impl(*operands, **params):
+    # Eager evaluation: call the framework directly instead of compiling a one-op program.
+    out_specs, host = _host_call(*operands, **params)
+    return [jnp.asarray(o) for o in host(*(np.asarray(x) for x in operands))]
+
+
+def _lowering_body(*operands, **params):
+    out_specs, host = _host_call(*operands, **params)
+    return list(jax.pure_callback(host, tuple(out_specs), *operands, vmap_method="sequential"))
+
+
+foreign_call_p.def_impl(_impl)
+mlir.register_lowering(foreign_call_p, mlir.lower_fun(_lowering_body, multiple_results=True),
+                       cacheable=False)
+
+
+def _bind(operands, **params):
+    return foreign_call_p.bind(*operands, **params)
+
+
+def _zero_like(x) -> ad.Zero:
+    return ad.Zero(jax.typeof(x).to_tangent_aval())
+
+
+def _jvp_rule(primals, tangents, *, fn, kind, argnums, n_in, batch_sizes, in_batched, out_batched):
+    params = dict(fn=fn, kind=kind, argnums=argnums, n_in=n_in, batch_sizes=batch_sizes,
+                  in_batched=in_batched, out_batched=out_batched)
+    outs = _bind(primals, **params)
+    if kind == "primal":
+        nonzero = tuple(i for i, t in enumerate(tangents) if type(t) is not ad.Zero)
+        if not nonzero:
+            return outs, [_zero_like(o) for o in outs]
+        tan_outs = _bind(
+            [*primals, *(tangents[i] for i in nonzero)], fn=fn, kind="jvp", argnums=nonzero, n_in=n_in,
+            batch_sizes=batch_sizes, in_batched=in_batched + tuple(in_batched[i] for i in nonzero),
+            out_batched=out_batched)
+        return outs, tan_outs
+    # `jvp` and `vjp` are linear in the operands after the first `n_in`.
+    if any(type(t) is not ad.Zero for t in tangents[:n_in]):
+        raise NotImplementedError(
+            f"{fn.name}: a second derivative through a {fn.backend.name} function was requested "
+            f"(differentiating its {kind} with respect to the point it is taken at). The bridge "
+            f"exposes first-order derivatives only; Jacobian contraction and NTK-vector products need "
+            f"no more. Use the export / translation mode for higher-order derivatives.")
+    linear = tangents[n_in:]
+    if all(type(t) is ad.Zero for t in linear):
+        return outs, [_zero_like(o) for o in outs]
+    tan_outs = _bind([*primals[:n_in], *map(ad.instantiate_zeros, linear)], **params)
+    return outs, tan_outs
+
+
+def _transpose_rule(cts, *operands, fn, kind, argnums, n_in, batch_sizes, in_batched, out_batched):
+    if kind == "primal":
+        raise NotImplementedError(f"{fn.name}: the primal of a foreign function is not linear; it "
+                                  f"cannot be transposed.")
+    residuals, linear = operands[:n_in], operands[n_in:]
+    if any(ad.is_undefined_primal(x) for x in residuals) or not all(
+            ad.is_undefined_primal(x) for x in linear):
+        raise NotImplementedError(f"{fn.name}: the foreign {kind} is linear only in its "
+                                  f"{'tangent' if kind == 'jvp' else 'cotangent'} operands.")
+    if all(type(ct) is ad.Zero for ct in cts):
+        return [None] * n_in + [ad.Zero(x.aval) for x in linear]
+    cts = list(map(ad.instantiate_zeros, cts))
+    linear_flags = in_batched[n_in:]
+    # Transposing swaps roles: the new linear operands are the cotangents (batched like this call's
+    # outputs) and the new outputs are cotangents of this call's linear operands (batched like them).
+    results = _bind([*residuals, *cts], fn=fn, kind="vjp" if kind == "jvp" else "jvp", argnums=argnums,
+                    n_in=n_in, batch_sizes=batch_sizes, in_batched=in_batched[:n_in] + out_batched,
+                    out_batched=linear_flags)
+    return [None] * n_in + list(results)
+
+
+def _batch_rule(args, dims, *, fn, kind, argnums, n_in, batch_sizes, in_batched, out_batched):
+    size = None
+    moved, flags = [], []
+    for x, d, old in zip(args, dims, in_batched):
+        if d is None:
+            moved.append(x)
+            flags.append((False,) + old)
+        else:
+            size = x.shape[d]
+            moved.append(jnp.moveaxis(x, d, 0))
+            flags.append((True,) + old)
+    outs = _bind(moved, fn=fn, kind=kind, argnums=argnums, n_in=n_in, batch_sizes=(size,) + batch_sizes,
+                 in_batched=tuple(flags), out_batched=tuple((True,) + f for f in out_batched))
+    return outs, [0] * len(outs)
+
+
+ad.primitive_jvps[foreign_call_p] = _jvp_rule
+ad.primitive_transposes[foreign_call_p] = _transpose_rule
+batching.primitive_batchers[foreign_call_p] = _batch_rule

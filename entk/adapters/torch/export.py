@@ -1,0 +1,657 @@
+"""Export mode: a PyTorch module → `torch.export` graph of core ATen ops → a plain JAX function.
+
+    module ──torch.export.export──► ExportedProgram ──run_decompositions()──► core-ATen FX graph
+           ──GraphTranslation (one registered JAX function per op, see `aten.py`)──► JAX
+
+The graph's placeholders are mapped to the `entk.Model` pieces:
+
+- parameters → `params`, a flat dict keyed by `module.named_parameters()` names (tied weights map to
+  the one name `named_parameters()` reports); parameters with `requires_grad=False` go to
+  `state["frozen"]` unless `include_frozen=True`;
+- buffers (BatchNorm running statistics, ...) → `state["buffers"]`, lifted tensor constants →
+  `state["constants"]`;
+- user inputs → `x`: a single tensor, a tuple of positional inputs, or a dict of keyword inputs,
+  exactly as given in `example_input`, in PyTorch's layout (NCHW).
+
+The module is exported in eval mode unless asked otherwise, with the batch axis marked dynamic
+(`torch.export.Dim.AUTO`) so that one export serves every batch size ≥ 2; inputs whose shapes the
+export does not cover (batch 1, another sequence length) are exported again on first use, once per
+shape, at JAX trace time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import re
+import traceback
+import warnings
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from torch.utils import _pytree as torch_pytree
+
+from entk.adapters.torch import aten
+
+PyTree = Any
+
+
+# ---------------------------------------------------------------- errors
+
+
+class ExportError(RuntimeError):
+    """`torch.export` could not capture the module (data-dependent control flow, untraceable code)."""
+
+
+class UnsupportedOpsError(NotImplementedError):
+    """The exported graph contains ATen ops with no JAX translation (all of them are listed)."""
+
+    def __init__(self, message: str, ops: Sequence[str]):
+        super().__init__(message)
+        self.ops = tuple(ops)
+
+
+class TranslationError(RuntimeError):
+    """An op's translation failed on the arguments the graph gave it."""
+
+
+class InputDtypeError(ExportError, TypeError):
+    """The example input has the wrong dtype family (integers where the model needs floats)."""
+
+
+_BRIDGE_HINT = ("use entk.from_torch(..., mode='bridge') (the model stays in PyTorch and is called "
+                "through torch.func: Jacobian contraction and NTK-vector products work, structured "
+                "derivatives do not)")
+
+
+def node_location(node: torch.fx.Node) -> str:
+    """Where a graph node came from: the innermost module path and type, and the source line."""
+    parts = []
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        path, kind = list(stack.values())[-1]
+        path = re.sub(r"^L\['self'\]\.?", "", str(path)) or "<root>"
+        kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+        parts.append(f"module '{path}' ({kind.rsplit('.', 1)[-1]})")
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', trace)
+    if frames:
+        user = [f for f in frames if "/torch/" not in f[0]] or frames
+        file, line, fn = user[-1]
+        parts.append(f"{file.rsplit('/', 1)[-1]}:{line} in {fn}")
+    return ", ".join(parts) or "unknown location"
+
+
+# ---------------------------------------------------------------- dtype conversion
+
+
+def numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """The NumPy / JAX dtype of a torch dtype."""
+    mapping = {torch.bfloat16: jnp.bfloat16, torch.bool: np.bool_}
+    if dtype in mapping:
+        return np.dtype(mapping[dtype])
+    return np.dtype(torch.empty((), dtype=dtype).numpy().dtype)
+
+
+def tensor_to_jax(t: torch.Tensor, *, copy: bool) -> jax.Array:
+    """A torch tensor as a JAX array (DLPack where possible); `copy=True` never aliases its memory."""
+    t = t.detach().resolve_conj().resolve_neg()
+    if t.dtype == torch.bfloat16 or t.device.type != "cpu":
+        try:
+            out = jax.dlpack.from_dlpack(t.contiguous())
+            return jnp.array(out, copy=True) if copy else out
+        except Exception:  # noqa: BLE001 - device JAX cannot import: go through host memory
+            t = t.cpu() if t.dtype != torch.bfloat16 else t.float().cpu()
+    array = t.numpy()
+    return jnp.array(array, copy=True) if copy else jnp.asarray(array)
+
+
+# ---------------------------------------------------------------- exporting
+
+
+@contextlib.contextmanager
+def module_mode(module: torch.nn.Module, training: bool) -> Iterator[None]:
+    """Puts every submodule in train or eval mode, restoring each one's flag afterwards."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.train(training)
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def split_example(example_input: Any) -> tuple[tuple, dict, str]:
+    """`example_input` → (positional args, keyword args, kind) where kind is "single", "args" or
+    "kwargs" (a tensor, a tuple/list of positional inputs, a dict of keyword inputs)."""
+    if isinstance(example_input, dict):
+        return (), dict(example_input), "kwargs"
+    if isinstance(example_input, (tuple, list)):
+        return tuple(example_input), {}, "args"
+    return (example_input,), {}, "single"
+
+
+def _dynamic_shapes(module: torch.nn.Module, args: tuple, kwargs: dict, batch_axis: int | None):
+    if batch_axis is None:
+        return None
+    auto = torch.export.Dim.AUTO
+
+    def spec(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.ndim > batch_axis >= -x.ndim:
+            return {batch_axis % x.ndim: auto}
+        return None
+
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    shapes = {}
+    for name, value in bound.arguments.items():
+        kind = inspect.signature(module.forward).parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            shapes[name] = tuple(spec(v) for v in value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            shapes[name] = {k: spec(v) for k, v in value.items()}
+        else:
+            shapes[name] = spec(value)
+    return shapes
+
+
+def _describe_export_failure(module: torch.nn.Module, args: tuple, kwargs: dict,
+                             error: Exception) -> str:
+    text = f"{type(error).__name__}: {error}"
+    first = text.strip().splitlines()[0][:500]
+    name = type(module).__name__
+    data_dependent = re.search(r"data.dependent|GuardOnDataDependent|DataDependent|"
+                               r"Could not guard on|_local_scalar_dense|\.item\(\)|nonzero", text)
+    if data_dependent:
+        msg = (f"torch.export could not capture {name}: its control flow depends on tensor values "
+               f"(data-dependent control flow such as `if x.sum() > 0` or `.item()`), which a graph "
+               f"of ATen ops cannot express. {first}\nTo use this model, {_BRIDGE_HINT}.")
+    else:
+        msg = f"torch.export could not capture {name}: {first}\nTo use this model, {_BRIDGE_HINT}."
+    if re.search(r"Cache|past_key_values", text):
+        msg += ("\nNote: the model returns a key/value cache object; for a Hugging Face model build "
+                "it with config.use_cache=False (or pass use_cache=False) so it returns tensors only.")
+    leaves = torch_pytree.tree_leaves((args, kwargs))
+    ints = [x for x in leaves if isinstance(x, torch.Tensor) and not x.is_floating_point()]
+    has_float_params = any(p.is_floating_point() for p in module.parameters())
+    if ints and has_float_params and re.search(r"type|long|int", text, re.IGNORECASE):
+        msg = (f"example_input holds {ints[0].dtype} tensors, but {name} appears to need "
+               f"floating-point inputs here: pass e.g. x.float() (or x.double()).\n" + msg)
+    return msg
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    """Silences torch.export's log output (graph dumps on failure); failures are raised instead."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in
+               ("torch.fx.experimental.symbolic_shapes", "torch.export", "torch._export",
+                "torch._dynamo", "torch._functorch", "torch.fx")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _decomposition_table() -> dict:
+    """The default core-ATen decompositions, except for ops translated whole (see `_KEEP`)."""
+    table = torch.export.default_decompositions()
+    for op in _KEEP:
+        table.pop(op, None)
+    return table
+
+
+# Ops kept whole: scaled_dot_product_attention's decomposition is slower and fails for some
+# layouts (e.g. Hugging Face GPT-2) in run_decompositions.
+_KEEP = (torch.ops.aten.scaled_dot_product_attention.default,)
+
+
+def export_module(module: torch.nn.Module, args: tuple, kwargs: dict, *, training: bool,
+                  batch_axis: int | None) -> torch.export.ExportedProgram:
+    """`torch.export.export` + `run_decompositions()` (core ATen), in the requested mode.
+
+    The batch axis is marked `Dim.AUTO` (dynamic where the model allows, else specialized); if the
+    dynamic export fails, a static export is tried before giving up with an `ExportError`.
+    """
+    dynamic = _dynamic_shapes(module, args, kwargs, batch_axis)
+    attempts = [dynamic, None] if dynamic is not None else [None]
+    error: Exception | None = None
+    with module_mode(module, training), warnings.catch_warnings(), _quiet_torch_logs():
+        warnings.simplefilter("ignore")  # torch.export's advisory warnings are not the user's concern
+        for shapes in attempts:
+            try:
+                program = torch.export.export(module, args, kwargs, dynamic_shapes=shapes,
+                                              strict=False)
+                return program.run_decompositions(_decomposition_table())
+            except Exception as e:  # noqa: BLE001 - every export failure is reported below
+                error = error or e
+    message = _describe_export_failure(module, args, kwargs, error)
+    kind = InputDtypeError if message.startswith("example_input holds") else ExportError
+    raise kind(message) from error
+
+
+# ---------------------------------------------------------------- placeholders
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """Where a placeholder's value comes from: ("params", name), ("state", group, name) or
+    ("input", leaf index)."""
+
+    source: str
+    key: Any
+
+
+def map_placeholders(program: torch.export.ExportedProgram, module: torch.nn.Module,
+                     trainable: set[str]) -> dict[str, Slot]:
+    """Placeholder name → the `params` / `state` / input slot it reads."""
+    from torch.export.graph_signature import InputKind
+
+    canonical = {}  # id(parameter) -> its named_parameters() name (resolves tied weights)
+    for name, p in module.named_parameters():
+        canonical.setdefault(id(p), name)
+    slots: dict[str, Slot] = {}
+    n_inputs = 0
+    for spec in program.graph_signature.input_specs:
+        placeholder = spec.arg.name
+        if spec.kind == InputKind.PARAMETER:
+            name = canonical.get(id(module.get_parameter(spec.target)), spec.target)
+            slots[placeholder] = (Slot("params", name) if name in trainable
+                                  else Slot("state", ("frozen", name)))
+        elif spec.kind == InputKind.BUFFER:
+            slots[placeholder] = Slot("state", ("buffers", spec.target))
+        elif spec.kind == InputKind.CONSTANT_TENSOR:
+            slots[placeholder] = Slot("state", ("constants", spec.target))
+        elif spec.kind == InputKind.USER_INPUT:
+            slots[placeholder] = Slot("input", n_inputs)
+            n_inputs += 1
+        else:
+            raise ExportError(f"torch.export produced a {spec.kind.name} input ({placeholder}), "
+                              f"which export mode cannot feed; {_BRIDGE_HINT}.")
+    return slots
+
+
+# ---------------------------------------------------------------- the graph interpreter
+
+
+class GraphTranslation:
+    """Runs an exported core-ATen graph with JAX: one registered translation per node.
+
+    `__call__(slots_values)` takes `{placeholder name: value}` and returns the flat list of user
+    outputs. Python-level work (dispatch, shape arithmetic) happens once per JAX trace; the traced
+    computation contains only the JAX primitives the translations emit.
+    """
+
+    def __init__(self, program: torch.export.ExportedProgram):
+        self.program = program
+        graph = program.graph_module.graph
+        self.nodes = list(graph.nodes)
+        self.fns: dict[str, Callable[..., Any]] = {}
+        self.missing: list[tuple[str, str]] = []
+        for node in self.nodes:
+            if node.op == "call_function":
+                fn = aten.lookup(node.target)
+                if fn is None:
+                    self.missing.append((aten.op_name(node.target), node_location(node)))
+                else:
+                    self.fns[node.name] = fn
+            elif node.op in ("call_module", "call_method"):
+                self.missing.append((f"{node.op} {node.target}", node_location(node)))
+        # Free every intermediate right after its last use (matters when running eagerly).
+        last_use: dict[str, int] = {}
+        for i, node in enumerate(self.nodes):
+            for used in node.all_input_nodes:
+                last_use[used.name] = i
+        self.release: list[list[str]] = [[] for _ in self.nodes]
+        for name, i in last_use.items():
+            self.release[i].append(name)
+        # User outputs, in the order of the program's output TreeSpec: a node, or a constant.
+        self.outputs: list[tuple[str, Any]] = []
+        for spec in program.graph_signature.output_specs:
+            if spec.kind.name != "USER_OUTPUT":
+                continue  # buffer mutations (train-mode running statistics) are not outputs
+            if type(spec.arg).__name__ == "ConstantArgument":
+                self.outputs.append(("constant", spec.arg.value))
+            else:
+                self.outputs.append(("node", spec.arg.name))
+
+    def check_supported(self, module_name: str) -> None:
+        """Raises `UnsupportedOpsError` listing every op without a translation, with locations."""
+        if not self.missing:
+            return
+        by_op: dict[str, list[str]] = {}
+        for op, where in self.missing:
+            by_op.setdefault(op, []).append(where)
+        lines = []
+        for op, wheres in by_op.items():
+            more = f" (and {len(wheres) - 1} more)" if len(wheres) > 1 else ""
+            lines.append(f"  {op}: in {wheres[0]}{more}")
+        raise UnsupportedOpsError(
+            f"Export mode cannot translate {module_name}: {len(by_op)} ATen op(s) have no JAX "
+            f"translation:\n" + "\n".join(lines) + f"\nTo use this model, {_BRIDGE_HINT}; or "
+            f"register a translation with entk.adapters.torch.aten.register.", list(by_op))
+
+    def __call__(self, inputs: dict[str, Any]) -> list[Any]:
+        env: dict[str, Any] = {}
+        for i, node in enumerate(self.nodes):
+            if node.op == "placeholder":
+                env[node.name] = inputs[node.name]
+            elif node.op == "call_function":
+                env[node.name] = self._run(node, env)
+            elif node.op == "get_attr":
+                env[node.name] = _constant(getattr(self.program.graph_module, node.target))
+            elif node.op == "output":
+                return [env[v] if kind == "node" else v for kind, v in self.outputs]
+            for name in self.release[i]:
+                env.pop(name, None)
+        raise TranslationError("the exported graph has no output node")
+
+    def _run(self, node: torch.fx.Node, env: dict[str, Any]) -> Any:
+        name = aten.op_name(node.target)
+        try:
+            args = _materialize(node.args, env, node)
+            kwargs = _materialize(node.kwargs, env, node)
+            out = self.fns[node.name](*args, **kwargs)
+            return _match_meta(out, node.meta.get("val"))
+        except (TranslationError, aten.ShapeAssertionError):
+            raise
+        except Exception as e:  # noqa: BLE001 - add the op and its place in the model
+            detail = "".join(traceback.format_exception_only(type(e), e)).strip()
+            raise TranslationError(f"Translating {name} (in {node_location(node)}) failed: "
+                                   f"{detail}\nIf this op is used in a way export mode does not "
+                                   f"support, {_BRIDGE_HINT}.") from e
+
+
+def _constant(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return tensor_to_jax(value, copy=True)
+    return value
+
+
+def _materialize(value: Any, env: dict[str, Any], node: torch.fx.Node) -> Any:
+    if isinstance(value, torch.fx.Node):
+        out = env[value.name]
+        if isinstance(out, aten.Unavailable):
+            raise TranslationError(
+                f"{aten.op_name(node.target)} (in {node_location(node)}) uses {out.what}, which "
+                f"export mode does not compute; {_BRIDGE_HINT}.")
+        return out
+    if isinstance(value, (list, tuple)):
+        return type(value)(_materialize(v, env, node) for v in value)
+    if isinstance(value, dict):
+        return {k: _materialize(v, env, node) for k, v in value.items()}
+    if isinstance(value, torch.dtype):
+        return numpy_dtype(value)
+    if isinstance(value, torch.Tensor):
+        return tensor_to_jax(value, copy=True)
+    return value
+
+
+def _match_meta(out: Any, val: Any) -> Any:
+    """Casts a translated result to the dtype PyTorch recorded and checks its static shape."""
+    if isinstance(val, torch.Tensor):
+        if isinstance(out, (bool, int, float, np.number, np.bool_)):
+            out = jnp.asarray(out)
+        if not hasattr(out, "dtype"):
+            return out
+        want = jax.dtypes.canonicalize_dtype(numpy_dtype(val.dtype))
+        if out.dtype != want:
+            out = out.astype(want)
+        shape = tuple(val.shape)
+        if len(shape) != out.ndim or any(isinstance(s, int) and s != o
+                                         for s, o in zip(shape, out.shape)):
+            raise TranslationError(f"translation produced shape {tuple(out.shape)}, but PyTorch "
+                                   f"recorded {tuple(str(s) for s in shape)} (a translation bug; "
+                                   f"please report it)")
+        return out
+    if isinstance(val, (list, tuple)) and isinstance(out, (list, tuple)) and len(val) == len(out):
+        return type(out)(_match_meta(o, v) for o, v in zip(out, val))
+    return out
+
+
+# ---------------------------------------------------------------- input and output structure
+
+
+def flatten_by_spec(spec: torch_pytree.TreeSpec, obj: Any, path: str = "x") -> list[Any]:
+    """The leaves of `obj` in the order of a torch `TreeSpec` (dict entries looked up by key)."""
+    if spec.is_leaf():
+        return [obj]
+    children = spec.children() if hasattr(spec, "children") else spec.children_specs
+    if spec.type in (dict,) or (isinstance(spec.context, list) and isinstance(obj, dict)):
+        keys = spec.context
+        if not isinstance(obj, dict) or set(obj) != set(keys):
+            raise ValueError(f"{path} must be a dict with keys {sorted(keys)} (as in "
+                             f"example_input), got {sorted(obj) if isinstance(obj, dict) else type(obj).__name__}.")
+        out = []
+        for key, child in zip(keys, children):
+            out += flatten_by_spec(child, obj[key], f"{path}[{key!r}]")
+        return out
+    if not isinstance(obj, (tuple, list)) or len(obj) != len(children):
+        raise ValueError(f"{path} must be a sequence of {len(children)} inputs (as in "
+                         f"example_input), got {type(obj).__name__}"
+                         f"{'' if not isinstance(obj, (tuple, list)) else f' of {len(obj)}'}.")
+    out = []
+    for i, (item, child) in enumerate(zip(obj, children)):
+        out += flatten_by_spec(child, item, f"{path}[{i}]")
+    return out
+
+
+def unflatten_to_jax(spec: torch_pytree.TreeSpec, leaves: Sequence[Any]) -> Any:
+    """Rebuilds a torch output structure with JAX-friendly containers.
+
+    Tuples, lists, dicts and namedtuples keep their type; other registered containers (Hugging Face
+    `ModelOutput`, ...) become dicts when the spec names their fields, tuples otherwise.
+    """
+    it = iter(leaves)
+
+    def build(s: torch_pytree.TreeSpec) -> Any:
+        if s.is_leaf():
+            return next(it)
+        children = [build(c) for c in (s.children() if hasattr(s, "children") else s.children_specs)]
+        if s.type in (tuple, list):
+            return s.type(children)
+        if s.type is not None and issubclass(s.type, tuple) and hasattr(s.type, "_fields"):
+            return s.type(*children)
+        context = s.context
+        if isinstance(context, (list, tuple)) and len(context) == len(children) and all(
+                isinstance(k, str) for k in context):
+            return dict(zip(context, children))
+        if isinstance(context, (list, tuple)) and len(context) == 2 and isinstance(context[1], list):
+            keys = context[1]  # some containers store (type, keys)
+            if len(keys) == len(children):
+                return dict(zip(keys, children))
+        return tuple(children)
+
+    return build(spec)
+
+
+# ---------------------------------------------------------------- a converted module
+
+
+@dataclasses.dataclass
+class _Entry:
+    """One exported program, translated, with what its user inputs accept."""
+
+    program: torch.export.ExportedProgram
+    translation: GraphTranslation
+    slots: dict[str, Slot]
+    input_shapes: list[tuple]  # per user input: ints (static) or SymInts (dynamic)
+
+
+class ExportedModule:
+    """A PyTorch module converted to JAX by export; `apply_with_state` is the `entk.Model` function.
+
+    Holds the module (to export again for input shapes the first export does not cover) and one
+    translated program per distinct shape set. `apply_with_state(params, state, x)` reads parameters
+    from `params` (keyed by `named_parameters()` names), buffers / frozen weights / constants from
+    `state`, and `x` with the structure of `example_input`.
+    """
+
+    def __init__(self, module: torch.nn.Module, example_input: Any, *, training: bool,
+                 batch_axis: int | None, trainable: set[str]):
+        self.module = module
+        self.training = training
+        self.batch_axis = batch_axis
+        self.trainable = trainable
+        args, kwargs, self.kind = split_example(example_input)
+        leaves = torch_pytree.tree_leaves((args, kwargs))
+        for i, leaf in enumerate(leaves):
+            if not isinstance(leaf, torch.Tensor):
+                raise TypeError(
+                    f"example_input leaf {i} is a {type(leaf).__name__}; export mode takes a tensor, "
+                    f"a tuple of tensors (positional inputs) or a dict of tensors (keyword inputs). "
+                    f"Bind other arguments with a wrapper module or functools.partial.")
+        self.example_leaves = [(tuple(t.shape), t.dtype, t.device) for t in leaves]
+        program = export_module(module, args, kwargs, training=training, batch_axis=batch_axis)
+        self.primary = self._entry(program)
+        self.in_spec = program.call_spec.in_spec
+        self.out_spec = program.call_spec.out_spec
+        self.by_shape: dict[tuple, _Entry] = {}
+        self.dynamic = any(not isinstance(d, int) for s in self.primary.input_shapes for d in s)
+
+    @property
+    def program(self) -> torch.export.ExportedProgram:
+        return self.primary.program
+
+    def _entry(self, program: torch.export.ExportedProgram) -> _Entry:
+        translation = GraphTranslation(program)
+        translation.check_supported(type(self.module).__name__)
+        slots = map_placeholders(program, self.module, self.trainable)
+        by_name = {n.name: n for n in program.graph_module.graph.nodes if n.op == "placeholder"}
+        inputs = sorted((slot.key, name) for name, slot in slots.items() if slot.source == "input")
+        shapes = [tuple(by_name[name].meta["val"].shape) for _, name in inputs]
+        return _Entry(program, translation, slots, shapes)
+
+    def constants(self) -> dict[str, jax.Array]:
+        """Lifted tensor constants of the program (they go to `state["constants"]`)."""
+        return {name: tensor_to_jax(value, copy=True)
+                for name, value in self.primary.program.constants.items()
+                if isinstance(value, torch.Tensor)}
+
+    # ------------------------------------------------------------ shapes
+
+    def _accepts(self, entry: _Entry, shapes: list[tuple]) -> bool:
+        import sympy
+
+        bindings: dict[Any, int] = {}
+        derived = []
+        for want, got in zip(entry.input_shapes, shapes):
+            if len(want) != len(got):
+                return False
+            for w, g in zip(want, got):
+                if isinstance(w, int):
+                    if w != g:
+                        return False
+                    continue
+                expr = w.node.expr
+                if isinstance(expr, sympy.Symbol):
+                    if bindings.setdefault(expr, g) != g:
+                        return False
+                    bounds = entry.program.range_constraints.get(expr)
+                    if bounds is not None and not (bool(sympy.Le(bounds.lower, g))
+                                                   and bool(sympy.Le(g, bounds.upper))):
+                        return False
+                else:
+                    derived.append((expr, g))
+        for expr, g in derived:
+            value = expr.subs(bindings)
+            if not value.is_number or int(value) != g:
+                return False
+        return True
+
+    def entry_for(self, shapes: list[tuple], *, static: bool = False) -> _Entry:
+        """The translated program for these input shapes, exporting again on first sight.
+
+        `static=True` skips the dynamic-batch program (used when one of its runtime assertions on
+        sizes fails for these shapes).
+        """
+        if not static and self._accepts(self.primary, shapes):
+            return self.primary
+        key = tuple(shapes)
+        if key not in self.by_shape:
+            examples = [torch.zeros(shape, dtype=dtype, device=device)
+                        for shape, (_, dtype, device) in zip(shapes, self.example_leaves)]
+            args, kwargs = torch_pytree.tree_unflatten(examples, self.in_spec)
+            try:
+                program = export_module(self.module, tuple(args), dict(kwargs),
+                                        training=self.training, batch_axis=None)
+            except ExportError as e:
+                raise ExportError(f"Inputs of shapes {shapes} differ from those the model was "
+                                  f"converted with ({[s for s, _, _ in self.example_leaves]}), and "
+                                  f"exporting it again for them failed:\n{e}") from e
+            self.by_shape[key] = self._entry(program)
+        return self.by_shape[key]
+
+    # ------------------------------------------------------------ the model function
+
+    def _input_leaves(self, x: Any) -> list[jax.Array]:
+        call = {"single": ((x,), {}), "args": (tuple(x) if isinstance(x, (tuple, list)) else x, {}),
+                "kwargs": ((), x)}[self.kind]
+        leaves = flatten_by_spec(self.in_spec, call, "x")
+        out = []
+        for i, (leaf, (shape, dtype, _)) in enumerate(zip(leaves, self.example_leaves)):
+            where = "x" if self.kind == "single" else f"input {i}"
+            if isinstance(leaf, torch.Tensor):
+                leaf = tensor_to_jax(leaf, copy=False)
+            elif not isinstance(leaf, jax.Array) and not hasattr(leaf, "aval"):
+                leaf = jnp.asarray(leaf)
+            want = jax.dtypes.canonicalize_dtype(numpy_dtype(dtype))
+            wants_float = jnp.issubdtype(want, jnp.inexact)
+            if wants_float != bool(jnp.issubdtype(leaf.dtype, jnp.inexact)):
+                need = "floating-point" if wants_float else f"integer ({dtype})"
+                raise TypeError(
+                    f"{where} has dtype {leaf.dtype}, but the model was converted with a "
+                    f"{dtype} example: it needs {need} inputs here (cast it, e.g. "
+                    f"{'x.astype(jnp.float32)' if wants_float else 'x.astype(jnp.int32)'}).")
+            if len(leaf.shape) != len(shape):
+                raise ValueError(
+                    f"{where} has shape {tuple(leaf.shape)}, but the model was converted with "
+                    f"example shape {shape}: pass inputs with the same number of dimensions (the "
+                    f"batch axis included).")
+            out.append(leaf.astype(want) if leaf.dtype != want else leaf)
+        return out
+
+    def apply_with_state(self, params: PyTree, state: PyTree, x: Any, **kwargs: Any) -> PyTree:
+        """`f(params, state, x)`: the module's output (its structure, JAX arrays) as plain JAX."""
+        if kwargs:
+            raise TypeError(f"an exported torch model takes no keyword arguments, got "
+                            f"{sorted(kwargs)}; pass keyword inputs of the module as a dict x.")
+        leaves = self._input_leaves(x)
+        shapes = [tuple(int(d) for d in leaf.shape) for leaf in leaves]
+        entry = self.entry_for(shapes)
+        try:
+            return self._run(entry, params, state, leaves)
+        except aten.ShapeAssertionError:
+            if entry is not self.primary:
+                raise
+        return self._run(self.entry_for(shapes, static=True), params, state, leaves)
+
+    def _run(self, entry: _Entry, params: PyTree, state: PyTree, leaves: list[Any]) -> PyTree:
+        values: dict[str, Any] = {}
+        for placeholder, slot in entry.slots.items():
+            if slot.source == "input":
+                values[placeholder] = leaves[slot.key]
+            elif slot.source == "params":
+                if slot.key not in params:
+                    raise KeyError(f"params has no entry {slot.key!r}; pass a dict keyed by the "
+                                   f"module's named_parameters() names, like model.params.")
+                values[placeholder] = params[slot.key]
+            else:
+                group, name = slot.key
+                try:
+                    values[placeholder] = state[group][name]
+                except (KeyError, TypeError):
+                    raise KeyError(f"state[{group!r}] has no entry {name!r}; pass the model's own "
+                                   f"state (model.state).") from None
+        return unflatten_to_jax(self.out_spec, entry.translation(values))

@@ -1,0 +1,370 @@
+"""The empirical kernels of a function `f(params, x, **kw)`: NTK, NNGP, both, and NTK-vector products.
+
+Conventions are neural-tangents' (so its users feel at home), for every output leaf of `f`:
+- the kernel of an output of shape `(N, A, B)` is laid out `(N1, N2, A1, A2, B1, B2)`; `trace_axes`
+  are averaged away (summed, divided by their size) and `diagonal_axes` appear once
+  (see `entk.algorithms.axes`);
+- `x2=None` means `x1`;
+- keyword arguments go to `f`; an `rng` key is shared when `x2` is `None` or `x1`, else `x2` gets
+  `random.fold_in(rng, 1)`; a tuple of two values gives the first to `f(x1)` and the second to `f(x2)`.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import weakref
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from entk import algorithms
+from entk.algorithms import Strategy, auto
+from entk.algorithms._apply import output_shapes, param_count
+from entk.algorithms.axes import KernelAxes, VmapAxes
+from entk.model import ALL_STRATEGIES, Model
+
+PyTree = Any
+KernelFn = Callable[..., PyTree]
+
+EmpiricalKernel = collections.namedtuple("EmpiricalKernel", ["nngp", "ntk"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+
+
+def empirical_ntk_fn(f: Callable[..., PyTree] | Model, trace_axes: int | Sequence[int] = (-1,),
+                     diagonal_axes: int | Sequence[int] = (), vmap_axes: Any = None,
+                     implementation: Strategy | str | int = "auto") -> KernelFn:
+    """Returns `ntk_fn(x1, x2, params, **kw)`, the empirical NTK `J(x1) J(x2)ᵀ` of `f`.
+
+    Args:
+      f: `f(params, x, **kw) -> array or pytree`, pure JAX, or an `entk.Model`.
+      trace_axes: output axes to average over (default: the last, the logits).
+      diagonal_axes: output axes on which only `x1`/`x2` entries with equal index are kept.
+      vmap_axes: `None`, an int, or `(in_axes, out_axes, kwargs_axes)`: where the batch axis is, for a
+        model that treats examples independently; strategies then work one example at a time, which
+        is much cheaper. The model is checked once (two extra forward passes) and refused if it
+        couples examples (e.g. BatchNorm in training mode).
+      implementation: `"auto"`, `"jc"` (Jacobian contraction), `"ntvp"` (NTK-vector products),
+        `"sd"` (structured derivatives), an `entk.Strategy`, or the ints 0-3. Until the calibrated cost
+        model is in place, `"auto"` follows the asymptotic rule in `entk.algorithms.auto`.
+
+    Returns:
+      `ntk_fn(x1, x2, params, **kw)`: the kernel, a pytree like `f`'s output, each leaf laid out
+      `(N1, N2, O1, O2, ...)` less traced axes and with diagonal axes once. Works under `jax.jit`.
+    """
+    f, capabilities = _unwrap_model(f)
+    axes = KernelAxes.create(trace_axes, diagonal_axes)
+    vmap = VmapAxes.create(vmap_axes)
+    strategy = Strategy.parse(implementation)
+    _check_supported(strategy, capabilities)
+
+    def ntk_fn(x1: PyTree, x2: PyTree | None, params: PyTree, **apply_fn_kwargs: Any) -> PyTree:
+        call = _prepare(f, x1, x2, params, apply_fn_kwargs, axes, vmap)
+        chosen = (strategy if strategy is not Strategy.AUTO
+                  else _auto_strategy(call, axes, capabilities))
+        return algorithms.get(chosen)(f, call.x1, call.x2, params, call.kwargs1, call.kwargs2,
+                                      axes, vmap)
+
+    ntk_fn.__doc__ = f"Empirical NTK ({strategy.short_name}); see entk.empirical_ntk_fn."
+    return ntk_fn
+
+
+def empirical_nngp_fn(f: Callable[..., PyTree] | Model, trace_axes: int | Sequence[int] = (-1,),
+                      diagonal_axes: int | Sequence[int] = ()) -> KernelFn:
+    """Returns `nngp_fn(x1, x2, params, **kw)`, the empirical NNGP `f(x1) f(x2)ᵀ` of `f`.
+
+    Same axis conventions and output layout as `empirical_ntk_fn`.
+    """
+    f, _ = _unwrap_model(f)
+    axes = KernelAxes.create(trace_axes, diagonal_axes)
+
+    def nngp_fn(x1: PyTree, x2: PyTree | None, params: PyTree, **apply_fn_kwargs: Any) -> PyTree:
+        call = _prepare(f, x1, x2, params, apply_fn_kwargs, axes, None)
+        fx1 = f(params, call.x1, **call.kwargs1)
+        fx2 = fx1 if call.x2 is None else f(params, call.x2, **call.kwargs2)
+
+        def one_leaf(a: jax.Array, b: jax.Array) -> jax.Array:
+            leaf_axes = axes.for_leaf(a.ndim)
+            canonical = leaf_axes.contract(a, b) / leaf_axes.trace_size(a.shape)
+            return leaf_axes.to_output_layout(canonical)
+
+        return jax.tree_util.tree_map(one_leaf, fx1, fx2)
+
+    return nngp_fn
+
+
+def empirical_kernel_fn(f: Callable[..., PyTree] | Model, trace_axes: int | Sequence[int] = (-1,),
+                        diagonal_axes: int | Sequence[int] = (), vmap_axes: Any = None,
+                        implementation: Strategy | str | int = "auto") -> KernelFn:
+    """Returns `kernel_fn(x1, x2=None, get=None, params=None, **kw)` computing NNGP and/or NTK.
+
+    `get` is `"nngp"`, `"ntk"`, or a tuple of them (a namedtuple in that order comes back); `None`
+    means both (an `EmpiricalKernel(nngp, ntk)`).
+    """
+    fns = {"nngp": empirical_nngp_fn(f, trace_axes, diagonal_axes),
+           "ntk": empirical_ntk_fn(f, trace_axes, diagonal_axes, vmap_axes, implementation)}
+
+    def kernel_fn(x1: PyTree, x2: PyTree | None = None, get: str | Sequence[str] | None = None,
+                  params: PyTree = None, **apply_fn_kwargs: Any) -> Any:
+        if params is None:
+            raise TypeError("kernel_fn needs params=...: the parameters to differentiate.")
+        names, single = _canonical_get(get)
+        values = [fns[name](x1, x2, params, **apply_fn_kwargs) for name in names]
+        if single:
+            return values[0]
+        if names == ("nngp", "ntk"):
+            return EmpiricalKernel(*values)
+        return collections.namedtuple("EmpiricalKernel", names)(*values)
+
+    return kernel_fn
+
+
+def empirical_ntk_vp_fn(f: Callable[..., PyTree] | Model, x1: PyTree, x2: PyTree | None,
+                        params: PyTree, **apply_fn_kwargs: Any) -> Callable[[PyTree], PyTree]:
+    """Returns `v ↦ Θ(x1, x2) v` without forming Θ: a VJP through `f(x2)` then a JVP through `f(x1)`.
+
+    `v` has the structure and shapes of `f(params, x2)`; the result those of `f(params, x1)`. No axis
+    is traced or averaged: this is the full kernel as a linear operator.
+    """
+    f, _ = _unwrap_model(f)
+    call = _prepare(f, x1, x2, params, apply_fn_kwargs, KernelAxes((), ()), None)
+    x2_, kw2 = (call.x1, call.kwargs1) if call.x2 is None else (call.x2, call.kwargs2)
+    _, vjp2 = jax.vjp(lambda p: f(p, x2_, **kw2), params)
+    _, jvp1 = jax.linearize(lambda p: f(p, call.x1, **call.kwargs1), params)
+
+    def ntk_vp(cotangents: PyTree) -> PyTree:
+        return jvp1(vjp2(cotangents)[0])
+
+    return ntk_vp
+
+
+def ntk(model: Any, x1: Any, x2: Any = None, *, params: PyTree = None, **ntk_kwargs: Any) -> Any:
+    """The empirical NTK of any supported model in one call: arrays of the model's kind in and out.
+
+    `model` is an `entk.Model`, a PyTorch module, a Keras model or `tf.function`, or a plain
+    `f(params, x)` (then pass `params=`). Torch tensors in give a torch tensor out (TF and NumPy
+    likewise). `ntk_kwargs` are those of `empirical_ntk_fn`. A model is converted once and its kernel
+    function compiled once per set of `ntk_kwargs`, then reused across calls.
+    """
+    from entk import adapters
+
+    converted = adapters.to_model(model, x1, params=params)
+    to_jax, to_native = adapters.array_converters(x1)
+    jx1 = jax.tree_util.tree_map(to_jax, x1)
+    jx2 = None if x2 is None else jax.tree_util.tree_map(to_jax, x2)
+    fn = _compiled_ntk_fn(converted, ntk_kwargs)
+    kernel = fn(jx1, jx2, converted.params if params is None else params)
+    return jax.tree_util.tree_map(lambda k: to_native(k, x1), kernel)
+
+
+_COMPILED: "weakref.WeakKeyDictionary[Model, dict]" = weakref.WeakKeyDictionary()
+
+
+def _compiled_ntk_fn(model: Model, ntk_kwargs: dict) -> KernelFn:
+    key = repr(sorted(ntk_kwargs.items()))
+    per_model = _COMPILED.setdefault(model, {})
+    if key not in per_model:
+        kernel_fn = empirical_ntk_fn(model, **ntk_kwargs)
+        per_model[key] = jax.jit(kernel_fn)
+    return per_model[key]
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation and argument preparation
+
+
+class _Call(collections.namedtuple("_Call", "x1 x2 kwargs1 kwargs2 fx1 fx2 n_params")):
+    """A validated call: inputs (x2 None when it is x1), split kwargs, output shapes."""
+
+
+def _unwrap_model(f: Any) -> tuple[Callable[..., PyTree], frozenset]:
+    if isinstance(f, Model):
+        return f.apply, f.capabilities
+    if not callable(f):
+        raise TypeError(f"f must be a function f(params, x, **kw) or an entk.Model, got {type(f)}.")
+    return f, ALL_STRATEGIES
+
+
+def _check_supported(strategy: Strategy, capabilities: frozenset) -> None:
+    if strategy is not Strategy.AUTO and strategy.short_name not in capabilities:
+        raise ValueError(f"implementation={strategy.short_name!r} is not supported by this model "
+                         f"(it supports {sorted(capabilities)}); e.g. a model that calls back into "
+                         f"PyTorch or TensorFlow cannot use structured derivatives.")
+
+
+def _prepare(f, x1, x2, params, kwargs, axes: KernelAxes, vmap: VmapAxes | None) -> _Call:
+    _check_params(params)
+    if x2 is x1:
+        x2 = None
+    in_axes = vmap.input_axes(x1) if vmap is not None else jax.tree_util.tree_map(lambda _: 0, x1)
+    if x2 is not None:
+        _check_inputs(x1, x2, in_axes)
+    kwargs1, kwargs2 = _split_kwargs(kwargs, x1, x2)
+    if x2 is None:
+        kwargs2 = kwargs1
+    fx1 = output_shapes(f, x1, kwargs1, params)
+    fx2 = fx1 if x2 is None else output_shapes(f, x2, kwargs2, params)
+    _check_outputs(fx1, fx2, axes)
+    if vmap is not None:
+        _check_batch_independent(f, x1, params, kwargs1, vmap)
+    return _Call(x1, x2, kwargs1, kwargs2, fx1, fx2, param_count(params))
+
+
+def _path(keypath) -> str:
+    return jax.tree_util.keystr(keypath) or "(root)"
+
+
+def _check_params(params: PyTree) -> None:
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    for path, leaf in leaves:
+        if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+            raise TypeError(f"params{_path(path)} is a {type(leaf).__name__} ({leaf!r}), not an array; "
+                            f"parameters must be floating-point arrays (wrap it in jnp.asarray(..., "
+                            f"dtype=jnp.float32) or move it out of params).")
+        if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+            raise TypeError(f"params{_path(path)} has dtype {leaf.dtype}; only floating-point "
+                            f"parameters can be differentiated. Move integer leaves (indices, "
+                            f"step counters) out of params, e.g. into the model's state or kwargs.")
+
+
+def _check_inputs(x1: PyTree, x2: PyTree, in_axes: PyTree) -> None:
+    s1, s2 = jax.tree_util.tree_structure(x1), jax.tree_util.tree_structure(x2)
+    if s1 != s2:
+        raise ValueError(f"x1 and x2 must have the same structure, got {s1} and {s2}.")
+    for (path, a), b, axis in zip(jax.tree_util.tree_leaves_with_path(x1),
+                                  jax.tree_util.tree_leaves(x2), jax.tree_util.tree_leaves(in_axes)):
+        sa, sb = list(jnp.shape(a)), list(jnp.shape(b))
+        if len(sa) != len(sb) or (sa[:axis] + sa[axis + 1:]) != (sb[:axis] + sb[axis + 1:]):
+            raise ValueError(f"x1{_path(path) if path else ''} has shape {tuple(sa)} and x2 has "
+                             f"{tuple(sb)}: they may differ only in the batch axis {axis}.")
+
+
+def _check_outputs(fx1: PyTree, fx2: PyTree, axes: KernelAxes) -> None:
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(fx1), jax.tree_util.tree_leaves(fx2)):
+        where = f"the output{_path(path) if path else ''} of shape {a.shape}"
+        leaf_axes = axes.for_leaf(len(a.shape), where)
+        for name, group in (("trace_axes", leaf_axes.trace), ("diagonal_axes", leaf_axes.diagonal)):
+            for axis in group:
+                if a.shape[axis] != b.shape[axis]:
+                    raise ValueError(
+                        f"{name} includes axis {axis} of {where}, which has size {a.shape[axis]} for "
+                        f"x1 but {b.shape[axis]} for x2; a {name[:-5]} axis pairs entries with equal "
+                        f"index, so both sizes must agree (e.g. use the same batch size for x1 and x2 "
+                        f"or drop axis {axis} from {name}).")
+
+
+def _split_kwargs(kwargs: dict, x1: PyTree, x2: PyTree | None) -> tuple[dict, dict]:
+    kwargs1, kwargs2 = {}, {}
+    for k, v in kwargs.items():
+        if k == "rng" and v is not None:
+            kwargs1[k] = v
+            kwargs2[k] = v if x2 is None or _equal_inputs(x1, x2) else jax.random.fold_in(v, 1)
+        elif isinstance(v, tuple) and len(v) == 2:
+            kwargs1[k], kwargs2[k] = v
+        else:
+            kwargs1[k] = kwargs2[k] = v
+    return kwargs1, kwargs2
+
+
+def _is_concrete(tree: PyTree) -> bool:
+    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def _equal_inputs(x1: PyTree, x2: PyTree) -> bool:
+    """x1 == x2 by value, when that can be known without tracing (then they share an rng key)."""
+    if not (_is_concrete(x1) and _is_concrete(x2)):
+        return False
+    l1, l2 = jax.tree_util.tree_leaves(x1), jax.tree_util.tree_leaves(x2)
+    return len(l1) == len(l2) and all(
+        np.shape(a) == np.shape(b) and np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(l1, l2))
+
+
+_INDEPENDENCE_CHECKED: set = set()
+
+
+def _check_batch_independent(f, x, params, kwargs, vmap: VmapAxes) -> None:
+    """Refuses `vmap_axes` for a model whose outputs mix examples (checked once per f and shapes).
+
+    Changes example 0 of the batch (to a copy of example 1) and checks that no other example's
+    output moved. Skipped under tracing (e.g. inside `jax.jit`), where values are unknown.
+    """
+    if not (_is_concrete(x) and _is_concrete(params) and _is_concrete(kwargs)):
+        return
+    in_axes = vmap.input_axes(x)
+    sizes = {jnp.shape(leaf)[a] for leaf, a in zip(jax.tree_util.tree_leaves(x),
+                                                   jax.tree_util.tree_leaves(in_axes))}
+    key = (id(f), str(jax.tree_util.tree_map(jnp.shape, (x, kwargs))), str(vmap))
+    if len(sizes) != 1 or min(sizes) < 2 or key in _INDEPENDENCE_CHECKED:
+        return
+    kw_axes = vmap.kwarg_axes(kwargs)
+
+    def replace_first(leaf, axis):
+        leaf = jnp.asarray(leaf)
+        return jnp.concatenate([jax.lax.slice_in_dim(leaf, 1, 2, axis=axis),
+                                jax.lax.slice_in_dim(leaf, 1, None, axis=axis)], axis=axis)
+
+    x_changed = jax.tree_util.tree_map(replace_first, x, in_axes)
+    kw_changed = {k: v if kw_axes[k] is None else jax.tree_util.tree_map(replace_first, v, kw_axes[k])
+                  for k, v in kwargs.items()}
+    out = f(params, x, **kwargs)
+    out_changed = f(params, x_changed, **kw_changed)
+    out_axes = vmap.output_axes(out)
+    n = sizes.pop()
+    for (path, a), b, axis in zip(jax.tree_util.tree_leaves_with_path(out),
+                                  jax.tree_util.tree_leaves(out_changed),
+                                  jax.tree_util.tree_leaves(out_axes)):
+        if a.shape[axis] != n:
+            raise ValueError(f"vmap_axes={_describe(vmap)}: the output{_path(path) if path else ''} "
+                             f"has size {a.shape[axis]} on its batch axis {axis}, but the input batch "
+                             f"has {n} examples. Give the right output axis in vmap_axes.")
+        rest_a = np.asarray(jax.lax.slice_in_dim(a, 1, None, axis=axis))
+        rest_b = np.asarray(jax.lax.slice_in_dim(b, 1, None, axis=axis))
+        scale = max(float(np.max(np.abs(rest_a))), 1e-30) if rest_a.size else 1.0
+        diff = float(np.max(np.abs(rest_a - rest_b))) if rest_a.size else 0.0
+        tolerance = 1e-4 if a.dtype == jnp.float32 or a.dtype == jnp.bfloat16 else 1e-9
+        if diff > tolerance * scale:
+            raise ValueError(
+                f"vmap_axes={_describe(vmap)} says f treats examples independently, but changing "
+                f"example 0 of x1 changed the output{_path(path) if path else ''} of other examples "
+                f"(max change {diff:.3g}). The model couples examples along the batch (e.g. "
+                f"BatchNorm in training mode, or attention/normalisation across the batch). "
+                f"Use vmap_axes=None.")
+    _INDEPENDENCE_CHECKED.add(key)
+
+
+def _describe(vmap: VmapAxes) -> str:
+    return f"({vmap.in_axes!r}, {vmap.out_axes!r}, {vmap.kwargs_axes!r})"
+
+
+def _auto_strategy(call: _Call, axes: KernelAxes, capabilities: frozenset) -> Strategy:
+    leaves1 = jax.tree_util.tree_leaves(call.fx1)
+    leaves2 = jax.tree_util.tree_leaves(call.fx2)
+    n1 = leaves1[0].shape[0] if leaves1 and leaves1[0].shape else 1
+    n2 = leaves2[0].shape[0] if leaves2 and leaves2[0].shape else 1
+    return auto.choose(capabilities, n1=n1, n2=n2,
+                       out_shapes=[tuple(s.shape) for s in leaves1],
+                       kept_sizes=[math.prod(axes.for_leaf(len(s.shape)).output_shape(s.shape, t.shape))
+                                   for s, t in zip(leaves1, leaves2)],
+                       n_params=call.n_params)
+
+
+def _canonical_get(get: str | Sequence[str] | None) -> tuple[tuple[str, ...], bool]:
+    if get is None:
+        return ("nngp", "ntk"), False
+    single = isinstance(get, str)
+    names = (get,) if single else tuple(get)
+    if not names:
+        raise ValueError('get must be "nngp", "ntk", a tuple of them, or None.')
+    for name in names:
+        if name not in ("nngp", "ntk"):
+            raise ValueError(f'get={get!r}: unknown kernel {name!r}; an empirical kernel_fn '
+                             f'computes "nngp" and "ntk".')
+    if len(set(names)) != len(names):
+        raise ValueError(f"get={get!r} names a kernel twice.")
+    return names, single

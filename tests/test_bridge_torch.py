@@ -1,0 +1,353 @@
+"""PyTorch bridge mode ("via torch.func") and the shared foreign-function machinery.
+
+References are PyTorch itself: outputs of the module, `torch.func.jvp` / `vjp` / `vmap`, and eNTKs
+from `torch.func.jacrev` Jacobians contracted by hand, all in float64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import entk
+
+torch = pytest.importorskip("torch")
+
+from entk.adapters._foreign import ForeignFunction, infer_out_specs_by_running  # noqa: E402
+from entk.adapters.torch.bridge import TORCH_BACKEND, bridge_model  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+
+TOL = 1e-10
+
+
+class LSTMHead(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(3, 4, batch_first=True)
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        h, _ = self.lstm(x)
+        return self.head(h[:, -1])
+
+
+class EmbedMean(torch.nn.Module):
+    """Integer inputs (token ids) and a frozen parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(7, 4)
+        self.scale = torch.nn.Parameter(torch.tensor(1.5), requires_grad=False)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.embed(ids).mean(1) * self.scale))
+
+
+class TwoOutputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(3, 2)
+        self.b = torch.nn.Linear(3, 1)
+
+    def forward(self, x, y):
+        return {"sum": self.a(x) + self.a(y), "pair": (torch.sin(self.b(x)), self.b(y))}
+
+
+def _cnn():
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.ReLU(),
+                              torch.nn.Dropout(0.5), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(),
+                              torch.nn.Linear(12, 2))
+    with torch.no_grad():  # non-trivial running statistics, so eval mode is visible
+        net[1].running_mean.uniform_(-1, 1)
+        net[1].running_var.uniform_(0.5, 2)
+    return net
+
+
+MAKERS = {
+    "mlp": (lambda: torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)),
+            lambda g, n: torch.randn(n, 3, generator=g, dtype=torch.float64)),
+    "cnn": (_cnn, lambda g, n: torch.randn(n, 2, 6, 6, generator=g, dtype=torch.float64)),
+    "lstm": (LSTMHead, lambda g, n: torch.randn(n, 4, 3, generator=g, dtype=torch.float64)),
+    "embed": (EmbedMean, lambda g, n: torch.randint(0, 7, (n, 5), generator=g)),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def case(name):
+    """(module, bridged model, x1, x2, reference NTK) — built once per test session."""
+    make_module, make_input = MAKERS[name]
+    torch.manual_seed(0)
+    module = make_module().double().eval()
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = make_input(g, 3), make_input(g, 2)
+    return module, bridge_model(module, x1), x1, x2, torch_reference_ntk(module, x1, x2)
+
+
+def torch_reference_ntk(module, x1, x2):
+    """Θ(x1, x2), last output axis traced: Σ_o J1[:, o] J2[:, o]ᵀ / O, Jacobians by torch.func.jacrev."""
+    params = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+    fixed = {**{n: p.detach() for n, p in module.named_parameters() if not p.requires_grad},
+             **dict(module.named_buffers())}
+
+    def jacobian(x):
+        jac = torch.func.jacrev(lambda p: torch.func.functional_call(module, (p, fixed), (x,)))(params)
+        n, o = x.shape[0], module(x[:1]).shape[-1]
+        return torch.cat([j.reshape(n, o, -1) for j in jac.values()], -1)
+
+    j1, j2 = jacobian(x1), jacobian(x2)
+    return torch.einsum("iop,jop->ij", j1, j2).numpy() / j1.shape[1]
+
+
+def jx(t):
+    return jnp.asarray(t.numpy())
+
+
+def assert_close(actual, expected, tol=TOL, what=""):
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    scale = max(1.0, float(np.abs(expected).max()))
+    err = float(np.abs(actual - expected).max())
+    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:g} x {scale:.3g}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_outputs_match_torch(name):
+    module, model, x1, x2, _ = case(name)
+    with torch.no_grad():
+        assert_close(model(jx(x1)), module(x1), what=name)
+        assert_close(model.apply(model.params, x2), module(x2), what=f"{name} (torch tensor input)")
+
+
+def test_model_fields():
+    module, model, *_ = case("cnn")
+    assert list(model.params) == [n for n, _ in module.named_parameters()]
+    assert set(model.state["buffers"]) == {n for n, _ in module.named_buffers()}
+    assert model.state["frozen"] == {}
+    assert model.capabilities == frozenset({"jc", "ntvp"})
+    assert model.source == "torch" and model.info["mode"] == "bridge"
+    assert "opaque to JAX" in model.info["sd"]
+    assert_close(model.params["0.weight"], module[0].weight.detach())
+
+    embed_module, embed, *_ = case("embed")
+    assert "scale" not in embed.params and set(embed.state["frozen"]) == {"scale"}
+    with_frozen = bridge_model(embed_module, case("embed")[2], include_frozen=True)
+    assert "scale" in with_frozen.params
+
+
+def test_structured_outputs_and_several_inputs():
+    torch.manual_seed(0)
+    module = TwoOutputs().double()
+    x, y = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    model = bridge_model(module, (x, y))
+    out = model((jx(x), jx(y)))
+    expected = module(x, y)
+    assert set(out) == {"sum", "pair"} and isinstance(out["pair"], tuple)
+    assert_close(out["sum"], expected["sum"].detach())
+    assert_close(out["pair"][0], expected["pair"][0].detach())
+    kernel = jax.jit(entk.empirical_ntk_fn(model, implementation="jc"))((jx(x), jx(y)), None, model.params)
+    assert kernel["sum"].shape == (2, 2) and kernel["pair"][1].shape == (2, 2)
+
+
+def test_train_mode_module_runs_in_eval_and_is_restored():
+    module = _cnn().double().train()
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    model = bridge_model(module, x)
+    out = model(jx(x))
+    assert module.training and all(m.training for m in module.modules())
+    module.eval()
+    with torch.no_grad():
+        assert_close(out, module(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+
+
+@pytest.mark.parametrize("vmap_axes", [None, 0], ids=["whole-batch", "vmap0"])
+@pytest.mark.parametrize("implementation", ["jc", "ntvp"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "lstm", "embed"])
+def test_kernel_matches_torch_func_reference(name, implementation, vmap_axes):
+    if name == "embed" and vmap_axes is not None:
+        pytest.skip("one integer-input case is enough")
+    _, model, x1, x2, reference = case(name)
+    ntk_fn = jax.jit(entk.empirical_ntk_fn(model, implementation=implementation, vmap_axes=vmap_axes))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback to a Python loop
+        kernel = ntk_fn(jx(x1), jx(x2), model.params)
+    assert_close(kernel, reference, what=f"{name}/{implementation}/{vmap_axes}")
+
+
+def test_structured_derivatives_refused():
+    _, model, x1, *_ = case("mlp")
+    with pytest.raises(ValueError, match="not supported by this model"):
+        entk.empirical_ntk_fn(model, implementation="sd")
+
+
+# ----------------------------------------------------------------------------------------------
+# Transforms of the foreign function against torch.func
+
+
+def _torch_f(module, x):
+    buffers = dict(module.named_buffers())
+    return lambda p: torch.func.functional_call(module, (p, buffers), (x,))
+
+
+def _as_torch(tree):
+    return {k: torch.from_numpy(np.array(v)) for k, v in tree.items()}
+
+
+@pytest.mark.parametrize("name", ["cnn", "lstm"])
+def test_jvp_vjp_vmap_match_torch_func(name):
+    module, model, x1, *_ = case(name)
+    params, xj = model.params, jx(x1)
+    rng = np.random.default_rng(0)
+    tangent = {k: jnp.asarray(rng.standard_normal(v.shape)) for k, v in params.items()}
+    f = lambda p: model.apply(p, xj)  # noqa: E731
+
+    out, jvp_out = jax.jit(lambda p, t: jax.jvp(f, (p,), (t,)))(params, tangent)
+    _, torch_jvp = torch.func.jvp(_torch_f(module, x1), (_as_torch(params),), (_as_torch(tangent),))
+    assert_close(jvp_out, torch_jvp.detach(), what="jvp")
+
+    cotangent = jnp.asarray(rng.standard_normal(out.shape))
+    (vjp_out,) = jax.jit(lambda p, c: jax.vjp(f, p)[1](c))(params, cotangent)
+    _, pullback = torch.func.vjp(_torch_f(module, x1), _as_torch(params))
+    (torch_vjp,) = pullback(torch.from_numpy(np.array(cotangent)))
+    for k in params:
+        assert_close(vjp_out[k], torch_vjp[k], what=f"vjp {k}")
+
+    # vmap over examples. torch.func.vmap has no batching rule for aten::lstm, so the LSTM's primal
+    # loops (with a warning); its JVP / VJP decompose the LSTM and do vectorize.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch bridge of LSTMHead: torch's vmap failed on the primal")
+        per_example = jax.jit(jax.vmap(lambda x: model.apply(params, x[None])[0]))(xj)
+    with torch.no_grad():
+        assert_close(per_example, module(x1), what="vmap")
+
+    # Linearity of the linear maps: linearize, linear_transpose, forward-over-transpose.
+    @jax.jit
+    def linear_maps(params, tangent, cotangent):
+        _, f_lin = jax.linearize(f, params)
+        (transposed,) = jax.linear_transpose(f_lin, params)(cotangent)
+        vjp_fn = jax.vjp(f, params)[1]
+        _, again = jax.jvp(lambda c: vjp_fn(c)[0], (cotangent,), (cotangent,))
+        return f_lin(tangent), transposed, again
+
+    linearized, transposed, again = linear_maps(params, tangent, cotangent)
+    assert_close(linearized, jvp_out, what="linearize")
+    for k in params:
+        assert_close(transposed[k], vjp_out[k], what=f"linear_transpose {k}")
+    for k in params:
+        assert_close(again[k], vjp_out[k], what=f"jvp of the vjp {k}")
+
+
+def test_jacobians_and_input_derivatives():
+    module, model, x1, *_ = case("mlp")
+    params, xj = model.params, jx(x1)
+    rev = jax.jit(jax.jacrev(model.apply))(params, xj)
+    fwd = jax.jit(jax.jacfwd(model.apply))(params, xj)
+    torch_jac = torch.func.jacrev(_torch_f(module, x1))(_as_torch(params))
+    for k in params:
+        assert_close(rev[k], torch_jac[k], what=f"jacrev {k}")
+        assert_close(fwd[k], torch_jac[k], what=f"jacfwd {k}")
+    # Derivatives with respect to the input, and the summed gradient of a vmapped loss.
+    dx = jax.jit(jax.jacrev(lambda x: model.apply(params, x)))(xj)
+    torch_dx = torch.func.jacrev(lambda x: torch.func.functional_call(module, dict(module.named_parameters()),
+                                                                      (x,)))(x1)
+    assert_close(dx, torch_dx.detach(), what="d/dx")
+    loss = lambda p: jax.vmap(lambda x: model.apply(p, x[None]))(xj).sum()  # noqa: E731
+    grad = jax.jit(jax.grad(loss))(params)
+    for k in params:
+        assert_close(grad[k], torch_jac[k].sum((0, 1)), what=f"grad of vmapped loss {k}")
+
+
+def test_second_derivatives_raise_clearly():
+    _, model, x1, *_ = case("mlp")
+    with pytest.raises(NotImplementedError, match="second derivative.*first-order"):
+        jax.jit(jax.hessian(lambda p: model.apply(p, jx(x1)).sum()))(model.params)
+
+
+# ----------------------------------------------------------------------------------------------
+# The machinery: one framework vmap call per batched op; loop fallback
+
+
+def _counting_function(vmap):
+    """tanh(x @ w) as a ForeignFunction whose backend counts vmapped and unbatched calls."""
+    calls = {"vmapped": 0, "direct": 0}
+
+    def counted_vmap(fn, in_axes):
+        batched = vmap(fn, in_axes)
+
+        def run(*ops):
+            calls["vmapped"] += 1
+            return batched(*ops)
+        return run
+
+    backend = dataclasses.replace(TORCH_BACKEND, vmap=None if vmap is None else counted_vmap)
+
+    def primal(w, x):
+        calls["direct"] += 1
+        return (torch.tanh(x @ w),)
+
+    def jvp(argnums, xs, ts):
+        g = lambda *d: primal(*[d[argnums.index(i)] if i in argnums else v for i, v in enumerate(xs)])  # noqa: E731
+        return torch.func.jvp(g, tuple(xs[i] for i in argnums), tuple(ts))[1]
+
+    def vjp(argnums, xs, cts):
+        g = lambda *d: primal(*[d[argnums.index(i)] if i in argnums else v for i, v in enumerate(xs)])  # noqa: E731
+        return torch.func.vjp(g, *(xs[i] for i in argnums))[1](tuple(cts))
+
+    fn = ForeignFunction(backend, primal, jvp, vjp,
+                         lambda specs: infer_out_specs_by_running(backend, primal, specs), name="tanh-dense")
+    return fn, calls
+
+
+def test_batched_tangents_make_one_vmapped_call():
+    fn, calls = _counting_function(torch.func.vmap)
+    w = jnp.asarray(np.random.default_rng(0).standard_normal((3, 2)))
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 3)))
+    reference = jax.jit(jax.jacrev(lambda w: jnp.tanh(x @ w)))(w)
+    for transform in (jax.jacrev, jax.jacfwd):
+        calls.update(vmapped=0)
+        jac = jax.jit(transform(lambda w: fn(w, x)[0]))(w)
+        assert_close(jac, reference, what=transform.__name__)
+        assert calls["vmapped"] == 1, (transform.__name__, calls)
+    # Nested vmaps (examples x basis vectors) still collapse into one framework call.
+    calls.update(vmapped=0)
+    per_example = jax.jit(jax.vmap(jax.jacrev(lambda w, x: fn(w, x[None])[0][0]), (None, 0)))(w, x)
+    assert_close(per_example, reference, what="vmap of jacrev")  # row i only sees example i
+    assert calls["vmapped"] == 1, calls
+
+
+@pytest.mark.parametrize("how", ["no vmap", "vmap fails"])
+def test_loop_fallback_is_correct(how):
+    if how == "no vmap":
+        fn, calls = _counting_function(None)
+    else:
+        def broken_vmap(fn, in_axes):
+            def run(*ops):
+                raise RuntimeError("this kernel has no batching rule")
+            return run
+        fn, calls = _counting_function(broken_vmap)
+    w = jnp.asarray(np.random.default_rng(0).standard_normal((3, 2)))
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 3)))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        jac = jax.jit(jax.jacrev(lambda w: fn(w, x)[0]))(w)
+        jac_again = jax.jit(jax.jacrev(lambda w: fn(w, x)[0] * 1.0))(w)
+    assert_close(jac, jax.jit(jax.jacrev(lambda w: jnp.tanh(x @ w)))(w))
+    assert_close(jac_again, jac)
+    loop_warnings = [r for r in record if "looping over the batch" in str(r.message)]
+    assert len(loop_warnings) == (0 if how == "no vmap" else 1)  # warned once, not per call
