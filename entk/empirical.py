@@ -12,7 +12,6 @@ Conventions are neural-tangents' (so its users feel at home), for every output l
 from __future__ import annotations
 
 import collections
-import math
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -21,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from entk import algorithms
-from entk.algorithms import Strategy, auto
-from entk.algorithms._apply import output_shapes, param_count
+from entk.algorithms import Strategy
+from entk.algorithms._apply import output_shapes
 from entk.algorithms.axes import KernelAxes, VmapAxes
 from entk.model import ALL_STRATEGIES, Model
 
@@ -38,7 +37,8 @@ EmpiricalKernel = collections.namedtuple("EmpiricalKernel", ["nngp", "ntk"])
 
 def empirical_ntk_fn(f: Callable[..., PyTree] | Model, trace_axes: int | Sequence[int] = (-1,),
                      diagonal_axes: int | Sequence[int] = (), vmap_axes: Any = None,
-                     implementation: Strategy | str | int = "auto") -> KernelFn:
+                     implementation: Strategy | str | int = "auto",
+                     memory_budget: int | None = None) -> KernelFn:
     """Returns `ntk_fn(x1, x2, params, **kw)`, the empirical NTK `J(x1) J(x2)ᵀ` of `f`.
 
     Args:
@@ -50,8 +50,10 @@ def empirical_ntk_fn(f: Callable[..., PyTree] | Model, trace_axes: int | Sequenc
         is much cheaper. The model is checked once (two extra forward passes) and refused if it
         couples examples (e.g. BatchNorm in training mode).
       implementation: `"auto"`, `"jc"` (Jacobian contraction), `"ntvp"` (NTK-vector products),
-        `"sd"` (structured derivatives), an `entk.Strategy`, or the ints 0-3. Until the calibrated cost
-        model is in place, `"auto"` follows the asymptotic rule in `entk.algorithms.auto`.
+        `"sd"` (structured derivatives), an `entk.Strategy`, or the ints 0-3. `"auto"` runs the
+        strategy the cost model (`entk.algorithms.cost`) predicts fastest among those whose peak memory
+        fits `memory_budget`; the choice is made once per shapes/dtypes and cached.
+      memory_budget: bytes `"auto"` may use (default: half the device's free memory).
 
     Returns:
       `ntk_fn(x1, x2, params, **kw)`: the kernel, a pytree like `f`'s output, each leaf laid out
@@ -65,8 +67,14 @@ def empirical_ntk_fn(f: Callable[..., PyTree] | Model, trace_axes: int | Sequenc
 
     def ntk_fn(x1: PyTree, x2: PyTree | None, params: PyTree, **apply_fn_kwargs: Any) -> PyTree:
         call = _prepare(f, x1, x2, params, apply_fn_kwargs, axes, vmap)
-        chosen = (strategy if strategy is not Strategy.AUTO
-                  else _auto_strategy(call, axes, capabilities))
+        chosen = strategy
+        if strategy is Strategy.AUTO:
+            from entk.algorithms import cost
+
+            chosen = cost.select(f, x1, call.x2, params, apply_fn_kwargs,
+                                 {"trace_axes": trace_axes, "diagonal_axes": diagonal_axes,
+                                  "vmap_axes": vmap_axes},
+                                 capabilities=capabilities, memory_budget=memory_budget)
         return algorithms.get(chosen)(f, call.x1, call.x2, params, call.kwargs1, call.kwargs2,
                                       axes, vmap)
 
@@ -178,7 +186,7 @@ def _compiled_ntk_fn(model: Model, ntk_kwargs: dict) -> KernelFn:
 # Validation and argument preparation
 
 
-class _Call(collections.namedtuple("_Call", "x1 x2 kwargs1 kwargs2 fx1 fx2 n_params")):
+class _Call(collections.namedtuple("_Call", "x1 x2 kwargs1 kwargs2 fx1 fx2")):
     """A validated call: inputs (x2 None when it is x1), split kwargs, output shapes."""
 
 
@@ -212,7 +220,7 @@ def _prepare(f, x1, x2, params, kwargs, axes: KernelAxes, vmap: VmapAxes | None)
     _check_outputs(fx1, fx2, axes)
     if vmap is not None:
         _check_batch_independent(f, x1, params, kwargs1, vmap)
-    return _Call(x1, x2, kwargs1, kwargs2, fx1, fx2, param_count(params))
+    return _Call(x1, x2, kwargs1, kwargs2, fx1, fx2)
 
 
 def _path(keypath) -> str:
@@ -340,18 +348,6 @@ def _check_batch_independent(f, x, params, kwargs, vmap: VmapAxes) -> None:
 
 def _describe(vmap: VmapAxes) -> str:
     return f"({vmap.in_axes!r}, {vmap.out_axes!r}, {vmap.kwargs_axes!r})"
-
-
-def _auto_strategy(call: _Call, axes: KernelAxes, capabilities: frozenset) -> Strategy:
-    leaves1 = jax.tree_util.tree_leaves(call.fx1)
-    leaves2 = jax.tree_util.tree_leaves(call.fx2)
-    n1 = leaves1[0].shape[0] if leaves1 and leaves1[0].shape else 1
-    n2 = leaves2[0].shape[0] if leaves2 and leaves2[0].shape else 1
-    return auto.choose(capabilities, n1=n1, n2=n2,
-                       out_shapes=[tuple(s.shape) for s in leaves1],
-                       kept_sizes=[math.prod(axes.for_leaf(len(s.shape)).output_shape(s.shape, t.shape))
-                                   for s, t in zip(leaves1, leaves2)],
-                       n_params=call.n_params)
 
 
 def _canonical_get(get: str | Sequence[str] | None) -> tuple[tuple[str, ...], bool]:

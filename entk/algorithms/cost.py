@@ -1,0 +1,343 @@
+"""Cost model: FLOPs, bytes and memory of each strategy, a predicted time, and `"auto"`'s choice.
+
+For a given model, shapes, dtypes and axes, each strategy's kernel function is *lowered* (traced to
+StableHLO, no XLA compilation) and XLA's cost analysis gives its FLOPs and bytes accessed. A predicted
+time is `flops / flop_rate + bytes / bandwidth + overhead`, with the three constants measured once per
+device kind by a short micro-benchmark and cached on disk (`$ENTK_CACHE_DIR`, default
+`~/.cache/entk`).
+
+Memory: the bytes accessed by the unoptimised program bound its peak memory from above (nothing can be
+live that was never written), so a strategy whose bound fits the budget fits for sure without compiling.
+Only a strategy whose bound exceeds the budget is compiled, and its real peak (arguments + outputs +
+temporaries from XLA's memory analysis) decides. `"auto"` runs the predicted-fastest strategy among those
+that fit, never one that does not; the decision is cached per (function, shapes, dtypes, axes, budget).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import time
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from entk.algorithms import Strategy, concrete_strategies
+
+PyTree = Any
+
+# Fraction of the device's free memory `"auto"` allows itself by default.
+DEFAULT_BUDGET_FRACTION = 0.5
+
+
+# ----------------------------------------------------------------------------------------------
+# Device calibration
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """Throughput of the current device: FLOP/s per dtype width, bytes/s, per-op and per-call overhead."""
+
+    device_kind: str
+    flops_per_s: dict          # {"4": float32 rate, "8": float64 rate}
+    bytes_per_s: float
+    op_overhead_s: float       # cost of one small non-fusible operation (a kernel launch / thunk)
+    overhead_s: float          # cost of one call of a compiled function
+
+    def flop_rate(self, itemsize: int) -> float:
+        return self.flops_per_s.get(str(itemsize), self.flops_per_s["4"])
+
+
+def _cache_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("ENTK_CACHE_DIR", pathlib.Path.home() / ".cache" / "entk"))
+
+
+def _device_key(device: jax.Device) -> str:
+    return f"{device.platform}-{device.device_kind}".replace(" ", "_").replace("/", "_")
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+    jax.block_until_ready(fn())  # warm-up (and compile)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _measure(device: jax.Device) -> Calibration:
+    rates = {}
+    n = 512
+    for dtype in (jnp.float32, jnp.float64):
+        if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+            continue
+        a = jax.device_put(jnp.ones((n, n), dtype), device)
+        matmul = jax.jit(lambda m: m @ m)
+        rates[str(jnp.dtype(dtype).itemsize)] = 2 * n ** 3 / _median_time(lambda: matmul(a), 5)
+    rates.setdefault("8", rates["4"] / 2)
+    v = jax.device_put(jnp.ones((1 << 22,), jnp.float32), device)
+    add = jax.jit(lambda u: u + 1.0)
+    bandwidth = 2 * v.nbytes / _median_time(lambda: add(v), 5)
+    s = jax.device_put(jnp.ones((), jnp.float32), device)
+    overhead = _median_time(lambda: add(s), 20)
+    m = jax.device_put(jnp.eye(8, dtype=jnp.float32), device)
+
+    def chain(u):  # dependent small matmuls: nothing to fuse, so each costs one operation
+        for _ in range(_CHAIN):
+            u = jnp.tanh(u @ m)
+        return u
+
+    chained = jax.jit(chain)
+    op_overhead = max(_median_time(lambda: chained(m), 5) - overhead, 0.0) / (2 * _CHAIN)
+    return Calibration(device.device_kind, rates, bandwidth, op_overhead, overhead)
+
+
+_CHAIN = 200
+
+
+_CALIBRATIONS: dict[str, Calibration] = {}
+
+
+def calibration(device: jax.Device | None = None, *, refresh: bool = False) -> Calibration:
+    """The device's calibration, measured on first use (~1 s) and cached in memory and on disk."""
+    device = device or jax.devices()[0]
+    key = _device_key(device)
+    if not refresh and key in _CALIBRATIONS:
+        return _CALIBRATIONS[key]
+    path = _cache_dir() / f"calibration-{key}.json"
+    cal = None
+    if not refresh and path.exists():
+        try:
+            cal = Calibration(**json.loads(path.read_text()))
+        except (ValueError, TypeError):
+            cal = None
+    if cal is None:
+        cal = _measure(device)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(dataclasses.asdict(cal)))
+            tmp.replace(path)
+        except OSError:
+            pass  # a read-only home directory only costs a re-measurement next time
+    _CALIBRATIONS[key] = cal
+    return cal
+
+
+def device_free_bytes(device: jax.Device | None = None) -> int:
+    """Free memory of the device (accelerators: allocator stats; CPU: the host's available memory)."""
+    device = device or jax.devices()[0]
+    stats = None
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - some backends do not implement memory_stats
+        stats = None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    try:
+        for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def default_memory_budget(device: jax.Device | None = None) -> int:
+    return int(DEFAULT_BUDGET_FRACTION * device_free_bytes(device))
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-strategy estimates
+
+
+@dataclasses.dataclass
+class Estimate:
+    """What the cost model knows about one strategy on one problem.
+
+    `peak_bytes` is XLA's compiled figure when the strategy was compiled (`peak_is_exact`), else the
+    upper bound given by the bytes accessed.
+    """
+
+    strategy: Strategy
+    flops: float
+    bytes_accessed: float
+    predicted_s: float
+    peak_bytes: float
+    peak_is_exact: bool = False
+    compiled: Any = None
+    compile_s: float | None = None
+    n_ops: int = 0
+
+
+# Operations XLA fuses into their neighbours on every backend: they cost no launch of their own.
+_FUSIBLE = {"add", "subtract", "multiply", "divide", "negate", "maximum", "minimum", "select",
+            "compare", "convert", "broadcast_in_dim", "reshape", "constant", "exponential", "log",
+            "tanh", "logistic", "sqrt", "rsqrt", "abs", "sign", "and", "or", "not", "power",
+            "return", "func.return", "iota", "get_tuple_element", "tuple", "transpose"}
+
+
+def count_operations(lowered: Any) -> int:
+    """Non-fusible operations in a lowered program (dots, convolutions, gathers, reductions, ...)."""
+    import re
+
+    names = re.findall(r"=\s*(?:\"?)(stablehlo|chlo|mhlo)\.([a-z_]+)", lowered.as_text())
+    return sum(1 for _, name in names if name not in _FUSIBLE)
+
+
+def _shape_struct(tree: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), tree)
+
+
+def _split_static(kwargs: dict) -> tuple[dict, dict]:
+    """Array keyword arguments (traced) and the rest (closed over, e.g. `train=False`)."""
+    arrays = {k: v for k, v in kwargs.items()
+              if all(hasattr(leaf, "shape") for leaf in jax.tree_util.tree_leaves(v))}
+    return arrays, {k: v for k, v in kwargs.items() if k not in arrays}
+
+
+def _itemsize(params: PyTree) -> int:
+    leaves = jax.tree_util.tree_leaves(params)
+    return max((jnp.dtype(jnp.result_type(p)).itemsize for p in leaves), default=4)
+
+
+def lower_strategy(f: Callable, x1: PyTree, x2: PyTree | None, params: PyTree, kwargs: dict,
+                   strategy: Strategy, ntk_kwargs: dict) -> Any:
+    """`jax.jit(empirical_ntk_fn(...)).lower(...)` on shapes only (nothing is computed or compiled)."""
+    from entk.empirical import empirical_ntk_fn
+
+    array_kwargs, static_kwargs = _split_static(kwargs)
+    ntk_fn = empirical_ntk_fn(f, implementation=strategy, **ntk_kwargs)
+
+    def run(a, b, p, kw):
+        return ntk_fn(a, b, p, **kw, **static_kwargs)
+
+    return jax.jit(run).lower(_shape_struct(x1), None if x2 is None else _shape_struct(x2),
+                              _shape_struct(params), _shape_struct(array_kwargs))
+
+
+def _analysis(result: Any) -> dict:
+    if isinstance(result, (list, tuple)):  # older JAX returned one dict per computation
+        result = result[0] if result else {}
+    return dict(result or {})
+
+
+def compiled_peak_bytes(compiled: Any) -> float | None:
+    """Arguments + outputs + temporaries of a compiled kernel function (XLA memory analysis)."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return None
+    if stats is None:
+        return None
+    return float(stats.argument_size_in_bytes + stats.output_size_in_bytes
+                 + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+
+
+def estimate(f: Callable, x1: PyTree, x2: PyTree | None, params: PyTree, kwargs: dict,
+             strategy: Strategy, ntk_kwargs: dict, *, compile: bool = False,
+             cal: Calibration | None = None) -> Estimate:
+    """FLOPs, bytes, predicted time and a peak-memory bound for one strategy (compiled if asked)."""
+    cal = cal or calibration()
+    lowered = lower_strategy(f, x1, x2, params, kwargs, strategy, ntk_kwargs)
+    costs = _analysis(lowered.cost_analysis())
+    flops = float(costs.get("flops", 0.0)) + float(costs.get("transcendentals", 0.0))
+    bytes_accessed = float(costs.get("bytes accessed", 0.0))
+    n_ops = count_operations(lowered)
+    predicted = (flops / cal.flop_rate(_itemsize(params)) + bytes_accessed / cal.bytes_per_s
+                 + n_ops * cal.op_overhead_s + cal.overhead_s)
+    est = Estimate(strategy, flops, bytes_accessed, predicted, peak_bytes=bytes_accessed,
+                   n_ops=n_ops)
+    if compile:
+        start = time.perf_counter()
+        est.compiled = lowered.compile()
+        est.compile_s = time.perf_counter() - start
+        peak = compiled_peak_bytes(est.compiled)
+        if peak is not None:
+            est.peak_bytes, est.peak_is_exact = peak, True
+    return est
+
+
+def asymptotic_flops(strategy: Strategy, *, n1: int, n2: int, out_per_example: int,
+                     kept_per_pair: int, n_params: int, forward_flops: float) -> float:
+    """Novak et al. (2022): JC ≈ N·O·[FP] + N1·N2·O²·P, NTVP ≈ N2·O·[FP of the x1 batch]; SD ≤ JC."""
+    if strategy is Strategy.JACOBIAN_CONTRACTION or strategy is Strategy.STRUCTURED_DERIVATIVES:
+        return (n1 + n2) * out_per_example * forward_flops + n1 * n2 * kept_per_pair * n_params
+    if strategy is Strategy.NTK_VECTOR_PRODUCTS:
+        return n2 * out_per_example * (n1 + 1) * forward_flops
+    raise ValueError(f"No asymptotic model for {strategy!r}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Selection
+
+
+class OutOfBudgetError(MemoryError):
+    """No strategy fits the memory budget."""
+
+
+_DECISIONS: dict[Any, Strategy] = {}
+
+
+def _decision_key(f, x1, x2, params, kwargs, ntk_kwargs, budget, candidates) -> Any:
+    shapes = jax.tree_util.tree_map(lambda a: (jnp.shape(a), str(jnp.result_type(a))),
+                                    (x1, x2, params, _split_static(kwargs)[0]))
+    return (id(f), str(shapes), repr(sorted(ntk_kwargs.items())), budget, tuple(candidates))
+
+
+def select(f: Callable, x1: PyTree, x2: PyTree | None, params: PyTree, kwargs: dict,
+           ntk_kwargs: dict, *, capabilities: Iterable[str], memory_budget: int | None = None,
+           estimates_out: list | None = None) -> Strategy:
+    """The predicted-fastest strategy whose peak memory fits `memory_budget` (see module docstring)."""
+    candidates = [s for s in concrete_strategies() if s.short_name in set(capabilities)]
+    if not candidates:
+        raise ValueError(f"No available strategy is supported by this model "
+                         f"(capabilities={sorted(capabilities)}).")
+    budget = default_memory_budget() if memory_budget is None else int(memory_budget)
+    key = _decision_key(f, x1, x2, params, kwargs, ntk_kwargs, budget, candidates)
+    if key in _DECISIONS and estimates_out is None:
+        return _DECISIONS[key]
+
+    cal = calibration()
+    estimates = []
+    for strategy in candidates:
+        try:
+            estimates.append(estimate(f, x1, x2, params, kwargs, strategy, ntk_kwargs, cal=cal))
+        except Exception as error:  # noqa: BLE001 - a strategy that cannot trace is not a candidate
+            estimates.append(Estimate(strategy, math.inf, math.inf, math.inf, math.inf))
+            estimates[-1].compiled = error
+    fitting = []
+    for est in sorted(estimates, key=lambda e: e.predicted_s):
+        if not math.isfinite(est.predicted_s):
+            continue
+        if est.peak_bytes > budget:  # the bound is loose: compile to know the real peak
+            lowered = lower_strategy(f, x1, x2, params, kwargs, est.strategy, ntk_kwargs)
+            peak = compiled_peak_bytes(lowered.compile())
+            if peak is not None:
+                est.peak_bytes, est.peak_is_exact = peak, True
+        if est.peak_bytes <= budget:
+            fitting.append(est)
+            break  # sorted by predicted time: the first that fits is the choice
+    if estimates_out is not None:
+        estimates_out.extend(estimates)
+    if not fitting:
+        smallest = min(estimates, key=lambda e: e.peak_bytes)
+        raise OutOfBudgetError(
+            f"No strategy fits memory_budget={budget / 2**20:.1f} MiB (smallest need: "
+            f"{smallest.strategy.short_name} ≈ {smallest.peak_bytes / 2**20:.1f} MiB). Compute the "
+            f"kernel in tiles with entk.batch / entk.compute_kernel, or raise memory_budget.")
+    _DECISIONS[key] = fitting[0].strategy
+    return fitting[0].strategy
+
+
+def compare(*args: Any, **kwargs: Any):
+    """`entk.compare(f, x1, x2, params, *, measure=True, **ntk_kwargs)`: see `entk.algorithms.compare`."""
+    from entk.algorithms.compare import compare as _compare
+    return _compare(*args, **kwargs)

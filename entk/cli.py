@@ -1,0 +1,43 @@
+"""The `entk` command: `entk compare`, `entk ntk`, `entk spectrum`.
+
+Run `entk --help` or `entk COMMAND --help`. Subcommands live in their own modules, each with
+`add_parser(subparsers)` and `run(args)`; a subcommand whose module is missing is simply not offered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Sequence
+
+_SUBCOMMANDS = ("entk.cli_compare", "entk.cli_ntk", "entk.cli_spectrum")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="entk", description="Empirical neural tangent kernels of JAX, PyTorch and Keras models.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in _SUBCOMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name != module_name:
+                raise
+            continue
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

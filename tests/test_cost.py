@@ -1,0 +1,139 @@
+"""Cost model, auto selection under a memory budget, `entk.compare` and the `entk compare` CLI."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import entk
+from entk.algorithms import Strategy, cost
+from tests import jax_models
+from tests.reference import assert_close, brute_force_ntk
+
+NTK_KW = {"trace_axes": (), "diagonal_axes": (), "vmap_axes": None}
+CAPS = frozenset({"jc", "ntvp"})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def calibration_cache(tmp_path_factory):
+    import os
+    old = os.environ.get("ENTK_CACHE_DIR")
+    os.environ["ENTK_CACHE_DIR"] = str(tmp_path_factory.mktemp("entk-cache"))
+    yield
+    if old is None:
+        os.environ.pop("ENTK_CACHE_DIR")
+    else:
+        os.environ["ENTK_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def report():
+    f, params, x1, x2 = jax_models.make("conv_nhwc")
+    return entk.compare(f, x1, x2, params, trace_axes=(), repeats=2)
+
+
+def test_report_fields_are_present_and_sane(report):
+    names = [row["strategy"] for row in report.rows]
+    assert {"jc", "ntvp"} <= set(names)
+    for row in report.rows:
+        assert set(row) == {"strategy", "flops", "bytes_accessed", "peak_bytes", "predicted_s",
+                            "compile_s", "run_s", "status"}
+        assert row["status"] == "ok"
+        assert row["flops"] > 0 and row["bytes_accessed"] > 0 and row["peak_bytes"] > 0
+        assert row["predicted_s"] > 0 and row["compile_s"] > 0 and row["run_s"] > 0
+    assert report.auto in names
+    assert report.to_dict()["rows"][0].keys() == report.rows[0].keys()
+    text = str(report)
+    assert "jc" in text and "ntvp" in text and f"auto picks {report.auto}" in text
+
+
+def test_plot_writes_png(report, tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "cmp.png"
+    report.plot(str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _flops(f, x1, params, strategy, ntk_kw):
+    return cost.estimate(f, x1, None, params, {}, strategy, ntk_kw).flops
+
+
+def _asymptotic(strategy, n, o, n_params, forward_flops, traced):
+    return cost.asymptotic_flops(strategy, n1=n, n2=n, out_per_example=o,
+                                 kept_per_pair=1 if traced else o * o, n_params=n_params,
+                                 forward_flops=forward_flops)
+
+
+def test_flops_ordering_matches_the_asymptotic_model():
+    # Many outputs, full kernel, cheap forward pass: JC's N²·O²·P contraction dominates.
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    wide = {"w": jax.random.normal(k1, (16, 40))}
+    f_wide = lambda p, x: jnp.tanh(x @ p["w"])
+    x = jax.random.normal(k2, (6, 16))
+    xla = {s: _flops(f_wide, x, wide, s, NTK_KW) for s in (Strategy.JACOBIAN_CONTRACTION,
+                                                            Strategy.NTK_VECTOR_PRODUCTS)}
+    model = {s: _asymptotic(s, 6, 40, 16 * 40, forward_flops=2 * 16 * 40, traced=False) for s in xla}
+    assert xla[Strategy.NTK_VECTOR_PRODUCTS] < xla[Strategy.JACOBIAN_CONTRACTION]
+    assert model[Strategy.NTK_VECTOR_PRODUCTS] < model[Strategy.JACOBIAN_CONTRACTION]
+
+    # One output and a forward pass much dearer than P (a shared conv kernel): NTVP repeats it N·O times.
+    conv = {"c": jax.random.normal(k1, (3, 3, 2, 2)) / 3}
+    f_conv = lambda p, x: jnp.tanh(jax.lax.conv_general_dilated(
+        x, p["c"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))).mean(axis=(1, 2, 3))[:, None]
+    xc = jax.random.normal(k2, (8, 12, 12, 2))
+    xla = {s: _flops(f_conv, xc, conv, s, NTK_KW) for s in (Strategy.JACOBIAN_CONTRACTION,
+                                                             Strategy.NTK_VECTOR_PRODUCTS)}
+    assert xla[Strategy.JACOBIAN_CONTRACTION] < xla[Strategy.NTK_VECTOR_PRODUCTS] / 2
+    conv_fp = 2 * 12 * 12 * 3 * 3 * 2 * 2   # multiply-adds of the conv, per example
+    model = {s: _asymptotic(s, 8, 1, 36, forward_flops=conv_fp, traced=False) for s in xla}
+    assert model[Strategy.JACOBIAN_CONTRACTION] < model[Strategy.NTK_VECTOR_PRODUCTS] / 2
+
+
+def test_auto_respects_memory_budget(report):
+    f, params, x1, x2 = jax_models.make("conv_nhwc")
+    peaks = {row["strategy"]: row["peak_bytes"] for row in report.rows if row["strategy"] in CAPS}
+    small, large = min(peaks, key=peaks.get), max(peaks, key=peaks.get)
+    assert peaks[small] < peaks[large]
+    budget = int((peaks[small] + peaks[large]) / 2)
+    chosen = cost.select(f, x1, x2, params, {}, NTK_KW, capabilities=CAPS, memory_budget=budget)
+    assert chosen.short_name == small
+    # The kernel function itself honours the budget and stays correct.
+    kernel = entk.empirical_ntk_fn(f, trace_axes=(), memory_budget=budget)(x1, x2, params)
+    assert_close(kernel, brute_force_ntk(f, x1, x2, params, trace_axes=()))
+    with pytest.raises(cost.OutOfBudgetError, match="No strategy fits memory_budget"):
+        cost.select(f, x1, x2, params, {}, NTK_KW, capabilities=CAPS, memory_budget=1000)
+
+
+def test_decision_is_cached(monkeypatch):
+    f, params, x1, x2 = jax_models.make("mlp")
+    first = cost.select(f, x1, x2, params, {}, NTK_KW, capabilities=CAPS, memory_budget=1 << 30)
+    calls = []
+    monkeypatch.setattr(cost, "lower_strategy", lambda *a, **k: calls.append(a))
+    assert cost.select(f, x1, x2, params, {}, NTK_KW, capabilities=CAPS, memory_budget=1 << 30) is first
+    assert not calls
+
+
+def test_calibration_is_cached_on_disk(monkeypatch):
+    cal = cost.calibration()
+    assert cal.flop_rate(4) > 0 and cal.bytes_per_s > 0 and cal.op_overhead_s >= 0
+    cost._CALIBRATIONS.clear()
+    monkeypatch.setattr(cost, "_measure", lambda device: pytest.fail("re-measured"))
+    assert cost.calibration() == cal
+
+
+def test_cli_compare_writes_json_and_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from entk.cli import main
+    json_path, png_path = tmp_path / "r.json", tmp_path / "r.png"
+    code = main(["compare", "examples/jax_models.py:mlp", "--input-shape", "32", "--batch", "3",
+                 "--outputs", "4", "--full", "--repeats", "1", "--json", str(json_path),
+                 "--plot", str(png_path)])
+    assert code == 0
+    data = json.loads(json_path.read_text())
+    assert {row["strategy"] for row in data["rows"]} >= {"jc", "ntvp"}
+    assert data["auto"] in {row["strategy"] for row in data["rows"]}
+    assert png_path.read_bytes()[:4] == b"\x89PNG"
+    assert "auto picks" in capsys.readouterr().out
