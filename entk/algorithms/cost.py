@@ -2,9 +2,9 @@
 
 For a given model, shapes, dtypes and axes, each strategy's kernel function is *lowered* (traced to
 StableHLO, no XLA compilation) and XLA's cost analysis gives its FLOPs and bytes accessed. A predicted
-time is `flops / flop_rate + bytes / bandwidth + overhead`, with the three constants measured once per
-device kind by a short micro-benchmark and cached on disk (`$ENTK_CACHE_DIR`, default
-`~/.cache/entk`).
+time is `flops / flop_rate + FUSED_BYTES_FRACTION · bytes / bandwidth + ops · op_overhead + call
+overhead`, with the device constants measured once per device kind by a short micro-benchmark and
+cached on disk (`$ENTK_CACHE_DIR`, default `~/.cache/entk`).
 
 Memory: the bytes accessed by the unoptimised program bound its peak memory from above (nothing can be
 live that was never written), so a strategy whose bound fits the budget fits for sure without compiling.
@@ -33,6 +33,12 @@ PyTree = Any
 
 # Fraction of the device's free memory `"auto"` allows itself by default.
 DEFAULT_BUDGET_FRACTION = 0.5
+
+# Share of the unoptimised program's bytes that still reach memory after XLA's fusion. Cost analysis of
+# the lowered (unfused) program counts every intermediate of every elementwise op; most never leave
+# registers/cache once fused. 0.1 is the value that ranked strategies best on the benchmark zoo of
+# `benchmarks/auto_regret.py` (CPU); 1.0 (every byte counted) let memory traffic swamp the FLOPs.
+FUSED_BYTES_FRACTION = 0.1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,7 +257,8 @@ def estimate(f: Callable, x1: PyTree, x2: PyTree | None, params: PyTree, kwargs:
     flops = float(costs.get("flops", 0.0)) + float(costs.get("transcendentals", 0.0))
     bytes_accessed = float(costs.get("bytes accessed", 0.0))
     n_ops = count_operations(lowered)
-    predicted = (flops / cal.flop_rate(_itemsize(params)) + bytes_accessed / cal.bytes_per_s
+    predicted = (flops / cal.flop_rate(_itemsize(params))
+                 + FUSED_BYTES_FRACTION * bytes_accessed / cal.bytes_per_s
                  + n_ops * cal.op_overhead_s + cal.overhead_s)
     est = Estimate(strategy, flops, bytes_accessed, predicted, peak_bytes=bytes_accessed,
                    n_ops=n_ops)
