@@ -160,18 +160,20 @@ def from_tf(model_or_fn: Any, example_input: PyTree, mode: str = "auto", *,
     cache = _cache_for(model_or_fn)
     if cache is None:
         return _convert(model_or_fn, example_input, mode, check).current()
-    key = (mode, _signature_key(example_input))
+    # One conversion serves every input shape (translations are made per shape on first use, the
+    # bridge takes any shape); the input's structure is part of the key.
+    key = (mode, jax.tree_util.tree_structure(example_input, is_leaf=is_tensor))
     entry = cache.get(key)
     if entry is None:
-        first = cache.get((mode, None))  # the first conversion of this model in this mode
+        first = cache.get(mode)  # the first conversion of this model in this mode
         if first is not None and first.read is not None:
-            entry = first  # a translation: it translates each new input shape on first use
+            entry = first  # a translation handles any input structure too
         elif first is not None:
-            entry = _bridge_entry(model_or_fn, example_input)  # translation failed before: no retry
+            entry = _bridge_entry(model_or_fn, example_input)  # auto: translation failed, no retry
         else:
             entry = _convert(model_or_fn, example_input, mode, check)
         cache[key] = entry
-        cache.setdefault((mode, None), entry)
+        cache.setdefault(mode, entry)
     return entry.current()
 
 
@@ -228,21 +230,20 @@ def _translate(model_or_fn: Any, example_input: PyTree, check: bool) -> _Entry:
     jx = jax.tree_util.tree_map(jnp.asarray, x)
     if _keras_backend(model_or_fn) == "tensorflow":
         translation = translate.KerasTranslation(model_or_fn, tf)
-        variables = model_or_fn.trainable_variables
-        _check_dtypes(variables, translation.param_keys)
-        _check_x64(model_or_fn.variables)
         source = "keras"
     else:
         translation = translate.FunctionTranslation(model_or_fn, tf, translate.Signature.of(jx, {}))
         source = "tf"
     params, state = translation.values()
     _check_dtypes(list(params.values()), list(params))
+    _check_x64({**params, **state})
     model = Model(translation, _as_jax(params), _as_jax(state), source=source,
                   capabilities=frozenset({"jc", "ntvp", "sd"}),
                   info={"mode": "tf2jax", "param_names": translation.param_keys,
                         "state_names": translation.state_keys,
                         "param_count": int(sum(np.size(p) for p in params.values()))})
     outputs = model(jx)  # translates the example's signature; locates ops that fail in JAX
+    translation.check_reverse_mode()
     if check:
         _check_outputs(model_or_fn, x, outputs, tf)
     return _Entry(model, translation.values)
@@ -287,12 +288,13 @@ def _check_dtypes(values: list, names: list) -> None:
                 f"differentiated. Mark it non-trainable (trainable=False) so it goes to the state.")
 
 
-def _check_x64(variables: list) -> None:
+def _check_x64(values: dict) -> None:
+    """Refuses 64-bit variables when JAX runs in 32-bit mode (they would silently lose precision)."""
     if jax.config.jax_enable_x64:
         return
-    wide = [v.path for v in variables if str(v.dtype) in ("float64", "complex128")]
+    wide = [k for k, v in values.items() if np.dtype(v.dtype) in (np.float64, np.complex128)]
     if wide:
-        raise ValueError(f"The model has float64 variables ({wide[:3]}...) but JAX runs in 32-bit mode: "
+        raise ValueError(f"The model has float64 variables ({wide[:3]}) but JAX runs in 32-bit mode: "
                          f"call jax.config.update('jax_enable_x64', True) first, or build the model in "
                          f"float32 (keras.config.set_floatx('float32')).")
 
@@ -358,11 +360,6 @@ def _tree_equal(a: PyTree, b: PyTree) -> bool:
     lb, tb = jax.tree_util.tree_flatten(b)
     return ta == tb and all(np.shape(x) == np.shape(y) and np.array_equal(np.asarray(x), np.asarray(y))
                             for x, y in zip(la, lb))
-
-
-def _signature_key(x: PyTree) -> Any:
-    leaves, tree = jax.tree_util.tree_flatten(x, is_leaf=is_tensor)
-    return tree, tuple((tuple(np.shape(l)), str(getattr(l.dtype, "name", l.dtype))) for l in leaves)
 
 
 _CACHES: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()

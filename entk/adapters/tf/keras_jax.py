@@ -6,6 +6,10 @@ pure JAX function of the variable values, so no translation is needed and every 
 SD) applies. `params` are the trainable variables keyed by Keras path (`"dense/kernel"`), `state` the
 non-trainable ones (BatchNorm statistics, seed-generator state); the model runs in inference mode
 (`training=False`) unless `training=` is passed as a keyword argument.
+
+Precision: Keras' JAX backend caps its type promotion at 32 bits, so even a float64 model
+(`keras.config.set_floatx("float64")`) computes ops such as `tanh` and BatchNorm in float32; its
+kernels are then float32-accurate. The TensorFlow backend keeps float64 throughout.
 """
 
 from __future__ import annotations

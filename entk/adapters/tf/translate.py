@@ -133,8 +133,10 @@ class TFTranslation:
     `self(params, state, x, **kwargs)` is pure JAX (jit / vmap / jvp / vjp-able). `params` and `state`
     are flat dicts keyed by `param_keys` / `state_keys`.
 
-    Subclasses provide `_trace(signature)` → `(tf_function, tf_args)` whose tf2jax translation is
-    called as `jax_fn(param_dict_or_list..., x_leaves, kwarg_leaves)` by `_call`.
+    Subclasses provide `_translate(signature)` (trace the TF callable for that signature and
+    translate it with tf2jax) and `_call` (run one translation on `params`, `state`, `x` and the
+    array keyword arguments). Concrete calls run a compiled (`jax.jit`) translation; calls under a
+    JAX transformation trace it inline.
     """
 
     param_keys: tuple[str, ...]
@@ -144,6 +146,9 @@ class TFTranslation:
         self._describe_node = describe_node
         self._translations: dict[Hashable, Callable[..., Any]] = {}
         self._jitted: dict[Hashable, Callable[..., Any]] = {}
+        # TF While nodes whose trip count depends on inputs or parameters: they become
+        # `lax.while_loop`s, which JAX differentiates in forward mode only.
+        self.dynamic_loops: set[str] = set()
         self._lock = threading.Lock()
 
     def translation_count(self) -> int:
@@ -155,6 +160,7 @@ class TFTranslation:
         jax_fn = self._translation(signature)
         state = state or {}
         arrays = signature.dynamic_kwargs(kwargs)
+        _loop_log.dynamic = self.dynamic_loops
         with _bounded_loops():
             try:
                 if any(isinstance(leaf, jax.core.Tracer)
@@ -178,6 +184,18 @@ class TFTranslation:
             self._jitted[signature] = compiled
         return compiled
 
+    def check_reverse_mode(self) -> None:
+        """Raises `TranslationError` if a loop seen so far cannot be differentiated in reverse mode."""
+        if self.dynamic_loops:
+            node = sorted(self.dynamic_loops)[0]
+            layer = self._describe_node(node)
+            raise TranslationError(
+                f"The TF while loop {node!r}" + (f" (in layer {layer})" if layer else "")
+                + " runs a number of iterations that depends on the inputs or parameters; its JAX "
+                "translation (lax.while_loop) can only be differentiated in forward mode, but "
+                "Jacobians and NTK-vector products need reverse mode. Use entk.from_tf(..., "
+                "mode='bridge').", op="While", node=node, layer=layer)
+
     def _translation(self, signature: Signature) -> Callable[..., Any]:
         with self._lock:
             fn = self._translations.get(signature)
@@ -199,7 +217,7 @@ class TFTranslation:
 
         graph_def = concrete_fn.graph.as_graph_def()
         nodes = [(node.name, node.op, None) for node in graph_def.node]
-        for function in graph_def.library.function:
+        for function in _called_functions(graph_def):
             nodes += [(node.name, node.op, function.signature.name) for node in function.node_def]
         unsupported = tf2jax_ops.get_unsupported_operations([op for _, op, _ in nodes])
         if not unsupported:
@@ -214,6 +232,33 @@ class TFTranslation:
             + (f"; also unsupported: {others}" if others else "")
             + ". Use entk.from_tf(..., mode='bridge') (runs TF through call_tf; JC and NTVP only), "
             "or replace the layer with one built from supported ops.", op=op, node=where, layer=layer)
+
+
+def _called_functions(graph_def: Any) -> list:
+    """The library functions the graph calls (loop bodies, branches, nested calls), transitively.
+
+    Functions the graph only carries along (e.g. gradient functions) are left out: tf2jax never
+    translates those, so their ops do not matter.
+    """
+    library = {f.signature.name: f for f in graph_def.library.function}
+
+    def callees(node_defs) -> set:
+        names = set()
+        for node in node_defs:
+            for attr in node.attr.values():
+                if attr.HasField("func"):
+                    names.add(attr.func.name)
+                names.update(f.name for f in attr.list.func)
+        return names & set(library)
+
+    seen: dict = {}
+    pending = callees(graph_def.node)
+    while pending:
+        name = pending.pop()
+        if name not in seen:
+            seen[name] = library[name]
+            pending |= callees(library[name].node_def) - set(seen)
+    return list(seen.values())
 
 
 class KerasTranslation(TFTranslation):
@@ -234,8 +279,6 @@ class KerasTranslation(TFTranslation):
         return params, state
 
     def _translate(self, signature: Signature) -> Callable[..., Any]:
-        import tf2jax
-
         tf, model = self._tf, self.model
 
         def call(trainable, non_trainable, x_leaves, kw_leaves):
@@ -251,8 +294,7 @@ class KerasTranslation(TFTranslation):
                      [tf.TensorSpec(v.shape, v.dtype) for v in model.non_trainable_variables])
         args = (*var_specs, x_specs, kw_specs)
         self._check_ops(tf_fn.get_concrete_function(*args))
-        with _bounded_loops():
-            jax_fn, captured = tf2jax.convert(tf_fn, *args)
+        jax_fn, captured = _tf2jax_convert(tf_fn, self._describe_node, *args)
         trainable_captured = [k for k, v in captured.items() if v.trainable]
         if trainable_captured:
             raise TranslationError(
@@ -312,14 +354,11 @@ class FunctionTranslation(TFTranslation):
         return {k: by_key[k] for k in self._initial}
 
     def _convert(self, signature: Signature):
-        import tf2jax
-
         x_specs, kw_specs = signature.tf_specs(self._tf)
         x_spec = jax.tree_util.tree_unflatten(signature.x_tree, x_specs)
         kw = signature.rebuild_kwargs(kw_specs)
         self._check_ops(self.fn.get_concrete_function(x_spec, **kw))
-        with _bounded_loops():
-            return tf2jax.convert(self.fn, x_spec, **kw)
+        return _tf2jax_convert(self.fn, self._describe_node, x_spec, **kw)
 
     def _translate(self, signature: Signature) -> Callable[..., Any]:
         jax_fn, variables = self._convert(signature)
@@ -384,23 +423,48 @@ def layer_locator(model: Any) -> Callable[[str], str | None]:
 
 def _locate_failure(error: BaseException, describe_node: Callable[[str], str | None]
                     ) -> TranslationError | None:
-    """A `TranslationError` naming the tf2jax op node that raised `error` (from its traceback)."""
+    """A `TranslationError` naming the TF node whose tf2jax translation raised `error`.
+
+    The node is found in the traceback: the innermost frame running a tf2jax op node (`self`), or
+    parsing a node definition (`proto`).
+    """
     from tf2jax._src import tf2jax as tf2jax_impl
 
-    node = None
+    found = None
     tb = error.__traceback__
     while tb is not None:
-        candidate = tb.tb_frame.f_locals.get("self")
-        if isinstance(candidate, tf2jax_impl._OpNode):
-            node = candidate  # keep the innermost
+        local = tb.tb_frame.f_locals
+        candidate = local.get("self")
+        if isinstance(candidate, tf2jax_impl._OpNode) and hasattr(candidate, "name"):
+            found = (candidate.op, candidate.name)
+        proto = local.get("proto")
+        if hasattr(proto, "op") and hasattr(proto, "name") and isinstance(proto.op, str):
+            found = (proto.op, proto.name)
         tb = tb.tb_next
-    if node is None:
+    if found is None:
         return None
-    layer = describe_node(node.name)
+    op, name = found
+    layer = describe_node(name)
     return TranslationError(
-        f"tf2jax's translation of TF op {node.op!r} (node {node.name!r}"
+        f"tf2jax's translation of TF op {op!r} (node {name!r}"
         + (f", in layer {layer}" if layer else "") + f") failed: {type(error).__name__}: {error}. "
-        "Use entk.from_tf(..., mode='bridge') for this model.", op=node.op, node=node.name, layer=layer)
+        "Use entk.from_tf(..., mode='bridge') for this model.", op=op, node=name, layer=layer)
+
+
+def _tf2jax_convert(tf_fn: Any, describe_node: Callable[[str], str | None], *args: Any,
+                    **kwargs: Any) -> tuple[Callable[..., Any], dict]:
+    """`tf2jax.convert`, with loops made differentiable and failures named as `TranslationError`."""
+    import tf2jax
+
+    with _bounded_loops():
+        try:
+            return tf2jax.convert(tf_fn, *args, **kwargs)
+        except Exception as e:  # tf2jax raises ValueError / NotImplementedError / KeyError ...
+            located = _locate_failure(e, describe_node)
+            if located is not None:
+                raise located from e
+            raise TranslationError(f"tf2jax could not translate the graph: {type(e).__name__}: {e}. "
+                                   f"Use entk.from_tf(..., mode='bridge') for this model.") from e
 
 
 # ----------------------------------------------------------------------------------------------
@@ -409,6 +473,7 @@ def _locate_failure(error: BaseException, describe_node: Callable[[str], str | N
 
 _override_depth = 0
 _override_lock = threading.RLock()
+_loop_log = threading.local()  # .dynamic: set of While node names whose trip count was not static
 
 
 @contextlib.contextmanager
@@ -438,8 +503,10 @@ def _bounded_loops():
 def _parse_bounded_while(proto: Any) -> Any:
     from tf2jax._src import ops as tf2jax_ops
 
-    return _bounded_while_class(tf2jax_ops)(dict(cond_fun=proto.attr["cond"].func.name,
-                                                 body_fun=proto.attr["body"].func.name))
+    op = _bounded_while_class(tf2jax_ops)(dict(cond_fun=proto.attr["cond"].func.name,
+                                               body_fun=proto.attr["body"].func.name))
+    op.node_name = proto.name
+    return op
 
 
 _BOUNDED_WHILE = None
@@ -483,6 +550,7 @@ def _bounded_while_class(tf2jax_ops: types.ModuleType) -> type:
             init = _match_carry(init, jax.eval_shape(body, init))
             trips = _static_trip_count(cond, body, init)
             if trips is None:
+                getattr(_loop_log, "dynamic", set()).add(getattr(self, "node_name", "?"))
                 final = jax.lax.while_loop(cond, body, init)
             else:
                 final, _ = jax.lax.scan(lambda s, _: (body(s), None), init, None, length=trips)
