@@ -4,6 +4,11 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+try:  # Triton (torch.func pulls it in) must load before TensorFlow: both register LLVM options and
+    import triton  # noqa: F401,E402  the other order aborts the process.
+except ImportError:
+    pass
+
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)

@@ -16,6 +16,13 @@ import pytest
 
 import entk
 
+# Triton (PyTorch's compiler) must load before TensorFlow: both register LLVM command-line options,
+# and TF-then-Triton aborts the process ("Option ... registered more than once").
+try:
+    import triton  # noqa: F401
+except ImportError:
+    pass
+
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
@@ -32,10 +39,12 @@ TOL = 1e-10
 
 @pytest.fixture(scope="module", autouse=True)
 def float64_keras():
-    old = keras.config.floatx()
+    old, old_policy = keras.config.floatx(), keras.config.dtype_policy()
     keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")  # the policy is fixed at first use: set it explicitly
     yield
     keras.config.set_floatx(old)
+    keras.config.set_dtype_policy(old_policy)
     case.cache_clear()
 
 
@@ -55,8 +64,8 @@ def _cnn():
 def _lstm(unroll=True):
     # Unrolled: vectorizing the gradient of the rolled LSTM's while loop (tf.vectorized_map) works but
     # takes tens of seconds to trace; the rolled one is covered unbatched below.
-    return keras.Sequential([keras.Input((5,), dtype="int32"), L.Embedding(7, 4), L.LSTM(3, unroll=unroll),
-                             L.Dense(2)])
+    return keras.Sequential([keras.Input((3,), dtype="int32"), L.Embedding(7, 4),
+                             L.LSTM(3, unroll=unroll), L.Dense(2)])
 
 
 class Affine(tf.Module):
@@ -75,7 +84,7 @@ class Affine(tf.Module):
 
 def _inputs(name, rng):
     if name == "lstm":
-        return rng.integers(0, 7, (3, 5)).astype(np.int32), rng.integers(0, 7, (2, 5)).astype(np.int32)
+        return rng.integers(0, 7, (3, 3)).astype(np.int32), rng.integers(0, 7, (2, 3)).astype(np.int32)
     shape = (6, 6, 2) if name == "cnn" else (3,)
     return rng.standard_normal((3, *shape)), rng.standard_normal((2, *shape))
 
@@ -125,7 +134,8 @@ def assert_close(actual, expected, tol=TOL, what=""):
 def test_outputs_match_tf(name):
     model, bridged, x1, x2, _ = case(name)
     assert_close(bridged(jnp.asarray(x1)), _call(model, x1), what=name)
-    assert_close(bridged.apply(bridged.params, tf.constant(x2)), _call(model, x2), what=f"{name} (tf input)")
+    assert_close(bridged.apply(bridged.params, tf.constant(x2)), _call(model, x2),
+                 what=f"{name} (tf input)")
 
 
 def test_params_and_state():
@@ -155,8 +165,14 @@ def test_structured_outputs():
     assert set(out) == {"logits", "score"}
     for key in out:
         assert_close(out[key], expected[key], what=key)
-    kernel = jax.jit(entk.empirical_ntk_fn(bridged, implementation="jc"))(x, None, bridged.params)
-    assert kernel["logits"].shape == (2, 2) and kernel["score"].shape == (2, 2)
+    (grads,) = jax.vjp(lambda p: bridged.apply(p, x), bridged.params)[1](
+        {"logits": jnp.ones((2, 2)), "score": jnp.zeros((2, 1))})
+    with tf.GradientTape() as tape:
+        y = model(tf.constant(x), training=False)["logits"]
+    reference = tape.gradient(y, [v.value for v in model.trainable_variables],
+                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    for v, g in zip(model.trainable_variables, reference):
+        assert_close(grads[v.path], g, what=f"vjp through the dict output {v.path}")
 
 
 def test_unbuilt_model_is_refused():
@@ -170,7 +186,8 @@ def test_function_variables_are_restored_and_params_are_used():
     before = [v.numpy().copy() for v in module.variables]
     doubled = {k: 2 * v for k, v in bridged.params.items()}
     out = jax.jit(bridged.apply)(doubled, x1)
-    expected = np.tanh(x1 @ (2 * module.w.numpy()) + 2 * module.b.numpy()) @ (2 * module.out.numpy()) * 1.5
+    hidden = np.tanh(x1 @ (2 * module.w.numpy()) + 2 * module.b.numpy())
+    expected = hidden @ (2 * module.out.numpy()) * 1.5
     assert_close(out, expected)
     for v, b in zip(module.variables, before):
         assert np.array_equal(v.numpy(), b)
@@ -181,9 +198,9 @@ def test_function_variables_are_restored_and_params_are_used():
 
 
 @pytest.mark.parametrize("name, implementation, vmap_axes", [
-    ("mlp", "jc", None), ("mlp", "jc", 0), ("mlp", "ntvp", None), ("mlp", "ntvp", 0),
+    ("mlp", "jc", 0), ("mlp", "ntvp", None),
     ("cnn", "jc", None), ("cnn", "ntvp", 0),
-    ("lstm", "jc", None), ("lstm", "ntvp", None),
+    ("lstm", "ntvp", None),
     ("module", "jc", 0), ("module", "ntvp", None),
 ])
 def test_kernel_matches_gradient_tape_reference(name, implementation, vmap_axes):
@@ -217,7 +234,8 @@ def test_jvp_vjp_vmap_match_tf(name):
 
     jvp_out, vjp_out, per_example = transforms(params, tangent, cotangent)
     variables = _variables_in_param_order(model, bridged)
-    with tf.autodiff.ForwardAccumulator(variables, [tf.constant(np.asarray(tangent[k])) for k in params]) as acc:
+    tf_tangent = [tf.constant(np.asarray(tangent[k])) for k in params]
+    with tf.autodiff.ForwardAccumulator(variables, tf_tangent) as acc:
         y = _call(model, tf.constant(x1))
     assert_close(jvp_out, acc.jvp(y), what="jvp")
     with tf.GradientTape() as tape:
@@ -230,7 +248,7 @@ def test_jvp_vjp_vmap_match_tf(name):
 
 def _variables_in_param_order(model, bridged):
     if isinstance(model, keras.Model):
-        by_path = {v.path: v for v in model.trainable_variables}
+        by_path = {v.path: v.value for v in model.trainable_variables}  # the tf.Variables
         return [by_path[k] for k in bridged.params]
     return [getattr(model, k) for k in bridged.params]
 
@@ -248,10 +266,10 @@ def test_jacfwd_and_jacrev_agree_with_tape():
 
 
 def test_rolled_lstm_jvp_falls_back_to_reverse_mode():
-    """ForwardAccumulator cannot trace a Keras LSTM's while loop in a graph; the JVP must still be right."""
+    """ForwardAccumulator fails on a Keras LSTM's while loop inside a graph; the JVP must be right."""
     keras.utils.set_random_seed(0)
     model = _lstm(unroll=False)
-    x = np.random.default_rng(1).integers(0, 7, (3, 5)).astype(np.int32)
+    x = np.random.default_rng(1).integers(0, 7, (3, 3)).astype(np.int32)
     bridged = bridge_model(model, x)
     rng = np.random.default_rng(2)
     tangent = {k: jnp.asarray(rng.standard_normal(v.shape)) for k, v in bridged.params.items()}

@@ -31,7 +31,7 @@ def _cnn():
 
 
 def explicit_linearization(module, theta, x):
-    """f(θ₀, x) + Σ_k J_k(θ₀, x) · (θ_k − θ₀_k), with J from torch.func.jacrev (θ₀ = module's own)."""
+    """f(θ₀, x) + Σ_k J_k(θ₀, x) · (θ_k − θ₀_k), J from torch.func.jacrev (θ₀: the module's own)."""
     module = module.eval()
     theta0 = {n: p.detach() for n, p in module.named_parameters()}
     buffers = dict(module.named_buffers())
@@ -56,7 +56,8 @@ def perturb(lin, scale, seed):
 @pytest.mark.parametrize("make", [_mlp, _cnn], ids=["mlp", "cnn"])
 def test_matches_f_plus_jvp_at_several_theta(make):
     module = make().train()  # linearization is of the eval-mode function whatever the mode
-    x = torch.randn(4, 3, dtype=torch.float64) if make is _mlp else torch.randn(4, 2, 6, 6, dtype=torch.float64)
+    shape = (4, 3) if make is _mlp else (4, 2, 6, 6)
+    x = torch.randn(*shape, dtype=torch.float64)
     lin = linearize(module)
     assert module.training  # the original is not touched
     with torch.no_grad():
@@ -117,7 +118,8 @@ def test_sgd_reduces_the_loss_and_keeps_theta0():
     # The trained linearized model is still exactly linear in θ − θ₀.
     trained = {n[len("module."):]: p.detach() for n, p in lin.named_parameters()}
     with torch.no_grad():
-        torch.testing.assert_close(lin(x), explicit_linearization(_cnn(), trained, x), rtol=1e-12, atol=1e-12)
+        expected = explicit_linearization(_cnn(), trained, x)
+        torch.testing.assert_close(lin(x), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_parameters_buffers_and_state_dict():

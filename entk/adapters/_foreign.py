@@ -21,10 +21,14 @@ differentiates only the parameters never asks the foreign framework for input de
   to the front and records, per operand, whether it is batched at that level (`in_batched`). At run
   time all levels are collapsed into one leading axis (operands batched at only some levels are
   broadcast) and the foreign function is called once through the framework's own vmap
-  (`torch.func.vmap`, `tf.vectorized_map`). A framework whose vmap rejects the function falls back
-  to a loop, with one warning.
-- Lowering (`jit`) and eager evaluation run the foreign code on the host through `jax.pure_callback`;
-  arrays cross via DLPack / NumPy views without copies on CPU.
+  (`torch.func.vmap`, `tf.vectorized_map`). If that vmap rejects a VJP, it is retried with the
+  differentiated operands batched too; after that, a loop, with one warning.
+- Outputs are batched at every level, except the outputs of a *transposed* call made at levels
+  where the matching primal operand was not batched (`jax.grad` of a loss computed under `vmap`):
+  `out_batched` records this per output and level, and those levels are summed over on the host.
+- Lowering (`jit`) and eager evaluation run the foreign code on the host through `jax.pure_callback`.
+  Unbatched operands (the parameters, usually the largest) reach the framework through DLPack
+  without a copy where it accepts the buffer; batched ones are reshaped NumPy views.
 
 A framework plugs in with a `ForeignBackend` (array conversion and vmap) and a `ForeignFunction`
 (primal, jvp and vjp callables working on that framework's tensors). Nothing here imports a
@@ -70,7 +74,8 @@ class ForeignBackend:
     name: str
     to_foreign: Callable[[Any], Tensor]
     to_host: Callable[[Tensor], np.ndarray]
-    vmap: Callable[[Callable[..., Sequence[Tensor]], tuple], Callable[..., Sequence[Tensor]]] | None = None
+    vmap: Callable[[Callable[..., Sequence[Tensor]], tuple],
+                   Callable[..., Sequence[Tensor]]] | None = None
 
 
 class ForeignFunction:
@@ -167,11 +172,11 @@ class ForeignFunction:
         total = math.prod(sizes)
         host_ops, in_axes = [], []
         for op, flags in zip(operands, in_batched):
-            a = np.asarray(op)
-            if not any(flags):
-                host_ops.append(a)
+            if not any(flags):  # passed on as is (a CPU jax.Array from the callback: DLPack-able)
+                host_ops.append(op)
                 in_axes.append(None)
                 continue
+            a = np.asarray(op)
             if not all(flags):  # batched at some levels only: broadcast to every level
                 base = a.shape[sum(flags):]
                 expanded = a.reshape(tuple(s if f else 1 for s, f in zip(sizes, flags)) + base)
@@ -186,8 +191,8 @@ class ForeignFunction:
         else:
             outs = self._run_batched(kind, argnums, n_in, in_axes, host_ops, total)
         if len(outs) != len(out_specs):
-            raise ValueError(f"{self.name}: the {self.backend.name} {kind} returned {len(outs)} outputs, "
-                             f"expected {len(out_specs)}.")
+            raise ValueError(f"{self.name}: the {self.backend.name} {kind} returned {len(outs)} "
+                             f"outputs, expected {len(out_specs)}.")
 
         results = []
         for j, (out, spec, flags) in enumerate(zip(outs, out_specs, out_batched)):
@@ -198,8 +203,8 @@ class ForeignFunction:
                 if summed:
                     out = out.sum(axis=summed)
             if out.shape != tuple(spec.shape):
-                raise ValueError(f"{self.name}: the {self.backend.name} {kind} returned output {j} of shape "
-                                 f"{out.shape}, expected {tuple(spec.shape)}.")
+                raise ValueError(f"{self.name}: the {self.backend.name} {kind} returned output {j} "
+                                 f"of shape {out.shape}, expected {tuple(spec.shape)}.")
             results.append(out.astype(spec.dtype, copy=False))
         return results
 
@@ -318,7 +323,7 @@ def _host_entry(*operands, params, out_specs):
 
 def _impl(*operands, **params):
     # Eager evaluation: call the framework directly instead of compiling a one-op program.
-    out_specs, host = _host_call(*operands, **params)
+    _, host = _host_call(*operands, **params)
     return [jnp.asarray(o) for o in host(*(np.asarray(x) for x in operands))]
 
 

@@ -61,6 +61,10 @@ def import_tensorflow() -> types.ModuleType:
         os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        try:  # Triton (pulled in by torch.func) must load before TensorFlow: both register LLVM
+            import triton  # noqa: F401  options, and loading them the other way round aborts.
+        except ImportError:
+            pass
         import tensorflow as tf
 
         try:

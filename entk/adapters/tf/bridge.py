@@ -16,6 +16,9 @@ generator states); the model runs in inference mode (`training=False`).
   variables are given the requested values for the duration of a call (under a lock) and restored
   afterwards; derivatives are taken with respect to the variables. Batching over the parameters
   themselves then loops.
+
+Functions are traced without autograph: Python control flow in the model must not depend on tensor
+values (use `tf.cond` / `tf.while_loop`, as for a SavedModel export).
 """
 
 from __future__ import annotations
@@ -60,6 +63,12 @@ configure_tf_for_jax()
 
 
 def _to_tf(a: Any) -> tf.Tensor:
+    if isinstance(a, jax.Array):  # zero-copy through DLPack where TF accepts the buffer
+        try:
+            return tf.experimental.dlpack.from_dlpack(a.__dlpack__())
+        except Exception:  # noqa: BLE001 - any refusal (alignment, dtype, device) means: copy
+            pass
+    # TF cannot import read-only NumPy buffers (DLPack v0), so these are copied.
     return tf.convert_to_tensor(np.asarray(a))
 
 
@@ -68,8 +77,9 @@ def _to_numpy(t: Any) -> np.ndarray:
 
 
 def _compile(fn: Callable[..., Sequence[tf.Tensor]]) -> Callable[..., tuple]:
-    compiled = tf.function(lambda *ops: tuple(fn(*ops)), reduce_retracing=True, autograph=False)
-    return lambda *ops: compiled(*ops)
+    # No autograph: the model's Python control flow must not depend on tensor values (as in a
+    # SavedModel export); it is also markedly faster to trace.
+    return tf.function(lambda *ops: tuple(fn(*ops)), reduce_retracing=True, autograph=False)
 
 
 def _tf_vmap(fn: Callable[..., Sequence[tf.Tensor]], in_axes: tuple,
@@ -203,8 +213,9 @@ class _Callables:
 class _VariableBinding:
     """Gives a `tf.function`'s variables requested values for the duration of a call.
 
-    The outer (eager) entry point assigns and later restores; nested entries (inside a compiled or
-    vectorized function traced under the binding) see the variables already bound and only read them.
+    The eager entry point assigns (under a lock) and afterwards restores the previous values;
+    compiled and vectorized functions are traced and run inside that binding, so their graphs only
+    read the variables.
     """
 
     def __init__(self, variables: Sequence[tf.Variable]):
@@ -228,6 +239,49 @@ class _VariableBinding:
                 self.active = False
                 for v, x in zip(self.variables, saved):
                     v.assign(x)
+
+
+class _HostEntry:
+    """The callables handed to `ForeignFunction`.
+
+    Called eagerly (the unbatched host path), each is compiled with `tf.function` once per
+    (kind, argnums) and input signature, and a `tf.function`'s variables are bound around the call.
+    Called while tracing (inside the vectorized function `_tf_vmap` compiles), they run as is.
+    """
+
+    def __init__(self, callables: _Callables, binding: "_VariableBinding | None", n_bound: int):
+        self.callables = callables
+        self.binding = binding
+        self.n_bound = n_bound
+        self.compiled: dict[tuple, Callable] = {}
+
+    def _run(self, key: tuple, raw: Callable, ops: tuple) -> Sequence[tf.Tensor]:
+        fn = self.compiled.get(key)
+        if fn is None:
+            fn = self.compiled[key] = _compile(raw)
+        if self.binding is None:
+            return fn(*ops)
+        with self.binding.bound(ops[:self.n_bound]):
+            return fn(*ops)
+
+    def primal(self, *ops: tf.Tensor) -> Sequence[tf.Tensor]:
+        if not tf.executing_eagerly():
+            return self.callables.primal(*ops)
+        return self._run(("primal",), self.callables.primal, ops)
+
+    def jvp(self, argnums: tuple, xs: tuple, ts: tuple) -> Sequence[tf.Tensor]:
+        if not tf.executing_eagerly():
+            return self.callables.jvp(argnums, xs, ts)
+        n = len(xs)
+        return self._run(("jvp", argnums, n),
+                         lambda *ops: self.callables.jvp(argnums, ops[:n], ops[n:]), (*xs, *ts))
+
+    def vjp(self, argnums: tuple, xs: tuple, cts: tuple) -> Sequence[tf.Tensor]:
+        if not tf.executing_eagerly():
+            return self.callables.vjp(argnums, xs, cts)
+        n = len(xs)
+        return self._run(("vjp", argnums, n),
+                         lambda *ops: self.callables.vjp(argnums, ops[:n], ops[n:]), (*xs, *cts))
 
 
 def _function_variables(fn: Any, example_args: tuple) -> tuple[list, list, list[str], list[str]]:
@@ -282,12 +336,13 @@ def bridge_model(model_or_fn: Any, example_input: Any) -> Model:
         import keras
         if keras.backend.backend() != "tensorflow":
             raise ValueError(f"bridge_model: this Keras model runs on the {keras.backend.backend()!r} "
-                             f"backend; the TF bridge needs the TensorFlow backend (a Keras model on the "
-                             f"JAX backend is already JAX: use entk.from_tf's stateless_call path).")
+                             f"backend; the TF bridge needs the TensorFlow backend (a Keras model on "
+                             f"the JAX backend is already JAX: use entk.from_tf's stateless_call "
+                             f"path).")
         if not model.built:
-            raise ValueError(f"bridge_model: the Keras model {model.name!r} has not been built, so it has "
-                             f"no variables yet; call it once on an example (model(x)) or give it an "
-                             f"Input layer, then bridge it.")
+            raise ValueError(f"bridge_model: the Keras model {model.name!r} has not been built, so it "
+                             f"has no variables yet; call it once on an example (model(x)) or give it "
+                             f"an Input layer, then bridge it.")
         trainable, frozen = list(model.trainable_variables), list(model.non_trainable_variables)
         names = _unique_names([v.path for v in trainable + frozen])
         param_names, state_names = names[:len(trainable)], names[len(trainable):]
@@ -322,35 +377,14 @@ def bridge_model(model_or_fn: Any, example_input: Any) -> Model:
         backend = _backend(vmap)
 
     for v, name in zip(trainable, param_names):
-        if not tf.as_dtype(v.dtype).is_floating:
-            raise TypeError(f"bridge_model: trainable variable {name!r} has dtype {tf.as_dtype(v.dtype).name}; only "
+        dtype = tf.as_dtype(v.dtype)
+        if not dtype.is_floating:
+            raise TypeError(f"bridge_model: trainable variable {name!r} has dtype {dtype.name}; only "
                             f"floating-point variables can be differentiated (mark it non-trainable).")
 
-    primal_c = _compile(callables.primal)
-    compiled = {}
-
-    def jvp(argnums, xs, ts):
-        key = ("jvp", argnums, len(xs))
-        if key not in compiled:
-            compiled[key] = _compile(lambda *ops: callables.jvp(argnums, ops[:len(xs)], ops[len(xs):]))
-        return compiled[key](*xs, *ts)
-
-    def vjp(argnums, xs, cts):
-        key = ("vjp", argnums, len(xs))
-        if key not in compiled:
-            compiled[key] = _compile(lambda *ops: callables.vjp(argnums, ops[:len(xs)], ops[len(xs):]))
-        return compiled[key](*xs, *cts)
-
-    def primal(*ops):
-        # Compiled when called on the host; traced as-is inside the vectorized functions.
-        return primal_c(*ops) if tf.executing_eagerly() else callables.primal(*ops)
-
-    def raw_or_compiled(f_raw, f_compiled):
-        return lambda *a: f_compiled(*a) if tf.executing_eagerly() else f_raw(*a)
-
+    entry = _HostEntry(callables, binding, n_t + n_f)
     foreign = ForeignFunction(
-        backend, primal,
-        raw_or_compiled(callables.jvp, jvp), raw_or_compiled(callables.vjp, vjp),
+        backend, entry.primal, entry.jvp, entry.vjp,
         lambda specs: infer_out_specs_by_running(backend, callables.primal, specs),
         name=f"tf bridge of {getattr(model_or_fn, 'name', type(model_or_fn).__name__)}")
 

@@ -32,7 +32,12 @@ SD_UNAVAILABLE = ("structured derivatives are unavailable in bridge mode: the mo
 
 
 def _to_torch(a: Any) -> torch.Tensor:
-    # DLPack: zero-copy from NumPy arrays (read-only ones included) and CPU jax.Arrays.
+    # DLPack: zero-copy from CPU jax.Arrays and NumPy arrays (read-only ones included).
+    if isinstance(a, jax.Array):
+        try:
+            return torch.from_dlpack(a)
+        except (BufferError, RuntimeError, TypeError):
+            pass
     a = np.asarray(a)
     if not (a.flags.c_contiguous or a.flags.f_contiguous):
         a = np.ascontiguousarray(a)
@@ -85,8 +90,8 @@ def _flatten_output(out: Any, path: str = "output") -> tuple[list[torch.Tensor],
             leaves += sub_leaves
             skel[k] = sub
         return leaves, skel
-    raise TypeError(f"bridge_model: {path} is a {type(out).__name__}; the module must return tensors, or "
-                    f"tuples / lists / dicts of tensors.")
+    raise TypeError(f"bridge_model: {path} is a {type(out).__name__}; the module must return tensors, "
+                    f"or tuples / lists / dicts of tensors.")
 
 
 def _treedef_of(skeleton: Any) -> jax.tree_util.PyTreeDef:
@@ -108,8 +113,9 @@ def bridge_model(module: torch.nn.Module, example_input: Any, *, include_frozen:
       example_input: a tensor, or a tuple/list of tensors passed as positional arguments; it fixes the
         number of inputs and the output structure. `model.apply(params, x)` takes `x` of the same
         structure (JAX / NumPy arrays, or torch tensors), in torch's layout (NCHW).
-      include_frozen: also differentiate parameters with `requires_grad=False` (by default they are
-        held in `state`, like buffers).
+      include_frozen: also differentiate floating-point parameters with `requires_grad=False` (by
+        default they are held in `state`, like buffers). Tied parameters appear once, under their
+        first name in `named_parameters()`.
 
     Returns:
       An `entk.Model` with `params` a dict `{named_parameters() name: jax.Array}`, `state`
@@ -118,7 +124,8 @@ def bridge_model(module: torch.nn.Module, example_input: Any, *, include_frozen:
       structure of arrays.
     """
     if not isinstance(module, torch.nn.Module):
-        raise TypeError(f"bridge_model(module=...): expected a torch.nn.Module, got {type(module).__name__}.")
+        raise TypeError(f"bridge_model(module=...): expected a torch.nn.Module, got "
+                        f"{type(module).__name__}.")
     multi_input = isinstance(example_input, (tuple, list))
     example_args = tuple(example_input) if multi_input else (example_input,)
     for i, x in enumerate(example_args):
@@ -128,12 +135,14 @@ def bridge_model(module: torch.nn.Module, example_input: Any, *, include_frozen:
 
     param_names, frozen_names = [], []
     for name, p in module.named_parameters():
-        (param_names if (p.requires_grad or include_frozen) else frozen_names).append(name)
+        differentiate = p.requires_grad or (include_frozen and p.is_floating_point())
+        (param_names if differentiate else frozen_names).append(name)
     for name in param_names:
         p = module.get_parameter(name)
         if not p.is_floating_point():
             raise TypeError(f"bridge_model: parameter {name!r} has dtype {p.dtype}; only floating-point "
-                            f"parameters can be differentiated. Set requires_grad=False to hold it in state.")
+                            f"parameters can be differentiated. Set requires_grad=False to hold it in "
+                            f"state.")
     buffer_names = [name for name, _ in module.named_buffers()]
     tensor_names = param_names + frozen_names + buffer_names
     n_named, n_params, n_inputs = len(tensor_names), len(param_names), len(example_args)
@@ -143,7 +152,7 @@ def bridge_model(module: torch.nn.Module, example_input: Any, *, include_frozen:
     def primal(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         tensors = dict(zip(tensor_names, xs[:n_named]))
         with _eval_mode(module):
-            out = torch.func.functional_call(module, tensors, tuple(xs[n_named:]), strict=True)
+            out = torch.func.functional_call(module, tensors, tuple(xs[n_named:]))
         leaves, skeleton = _flatten_output(out)
         if not skeleton_box:
             skeleton_box.append(skeleton)

@@ -36,7 +36,8 @@ class LinearizedModule(torch.nn.Module):
     def __init__(self, module: torch.nn.Module):
         super().__init__()
         if not isinstance(module, torch.nn.Module):
-            raise TypeError(f"linearize(module=...): expected a torch.nn.Module, got {type(module).__name__}.")
+            raise TypeError(f"linearize(module=...): expected a torch.nn.Module, got "
+                            f"{type(module).__name__}.")
         self.module = copy.deepcopy(module)
         self._names = tuple(n for n, p in self.module.named_parameters() if p.requires_grad)
         if not self._names:
@@ -45,8 +46,9 @@ class LinearizedModule(torch.nn.Module):
         for name in self._names:
             p = self.module.get_parameter(name)
             if not p.is_floating_point():
-                raise TypeError(f"linearize: parameter {name!r} has dtype {p.dtype}; only floating-point "
-                                f"parameters can be linearized (set requires_grad=False to keep it fixed).")
+                raise TypeError(f"linearize: parameter {name!r} has dtype {p.dtype}; only "
+                                f"floating-point parameters can be linearized (set "
+                                f"requires_grad=False to keep it fixed).")
         self.theta0 = torch.nn.Module()
         for name in self._names:
             *path, leaf = name.split(".")
@@ -92,7 +94,7 @@ def linearize(module: torch.nn.Module) -> LinearizedModule:
 
     Returns:
       A `LinearizedModule` `lin` with `lin(*inputs) == module(*inputs)` initially (in eval mode) and
-      `lin(*inputs) = f(θ₀, x) + J(θ₀, x)(θ − θ₀)` once its parameters θ (`lin.parameters()`, named
-      `"module." + original name`) have moved. Train it with any torch optimizer.
+      `lin(*inputs) = f(θ₀, x) + J(θ₀, x)(θ − θ₀)` once its parameters θ (`lin.parameters()`,
+      named `"module." + original name`) have moved. Train it with any torch optimizer.
     """
     return LinearizedModule(module)
