@@ -73,6 +73,11 @@ def test_ntk_plain_function_and_flax_pair(flax_case):
     f = lambda p, x: module.apply({"params": p, "batch_stats": variables["batch_stats"]}, x)
     expected = brute_force_ntk(f, x, None, variables["params"])
     assert_close(entk.ntk(f, x, params=variables["params"]), expected)
+    # The plain function maps to one Model, so a second call reuses its compiled kernel function.
+    from entk import adapters, empirical
+    model = adapters.to_model(f, x, params=variables["params"])
+    assert adapters.to_model(f, x, params=variables["params"]) is model
+    assert len(empirical._COMPILED[model]) == 1
     assert_close(entk.ntk((module, variables), x), expected)
     with pytest.raises(TypeError, match="needs its parameters"):
         entk.ntk(f, x)

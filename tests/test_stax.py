@@ -318,21 +318,22 @@ def test_get_returns_entries_in_order_and_rejects_unknown_names():
 
 
 def test_kernel_fn_composes_and_x2_none_means_x1():
-    first = stax.serial(stax.Conv(3, (2, 2), padding="SAME", b_std=0.2), stax.Erf())
-    second = stax.serial(stax.Conv(3, (3, 3), W_std=1.2), stax.Relu(), stax.Flatten(),
-                         stax.Dense(1))
+    first = stax.serial(stax.Dense(3, b_std=0.2), stax.Erf())
+    second = stax.serial(stax.Dense(5, W_std=1.2), stax.Relu(), stax.Dense(1))
     whole = stax.serial(first, second)
-    direct = whole.kernel_fn(IMG, IMG2)
-    composed = second.kernel_fn(first.kernel_fn(IMG, IMG2))
+    direct = whole.kernel_fn(X_VEC, X_VEC2)
+    composed = second.kernel_fn(first.kernel_fn(X_VEC, X_VEC2))
     assert rel_err(composed.ntk, direct.ntk) < 1e-14
     assert rel_err(composed.nngp, direct.nngp) < 1e-14
-    same = whole.kernel_fn(IMG, None, ("nngp", "ntk"))
-    explicit = whole.kernel_fn(IMG, IMG + 0.0, ("nngp", "ntk"))
-    assert rel_err(same.ntk, explicit.ntk) < 1e-14
-    jitted = jax.jit(whole.kernel_fn, static_argnames="get")(IMG, IMG2, "ntk")
-    assert rel_err(jitted, direct.ntk) < 1e-12
+    same = whole.kernel_fn(X_VEC, None, ("nngp", "ntk"))
+    explicit = whole.kernel_fn(X_VEC, X_VEC + 0.0, ("nngp", "ntk"))  # equal values count as x1
+    assert explicit.nngp is not None and rel_err(same.ntk, explicit.ntk) < 1e-14
+    both = whole.kernel_fn(np.concatenate([X_VEC, X_VEC2]), None, "ntk")
+    assert rel_err(both[:4, 4:], direct.ntk) < 1e-13  # the x2=None kernel's off-diagonal block
+    jitted = jax.jit(whole.kernel_fn, static_argnames="get")(X_VEC, X_VEC2, "ntk")
+    assert rel_err(jitted, direct.ntk) < 1e-14
     with pytest.raises(ValueError, match="may differ only in the batch"):
-        whole.kernel_fn(IMG, IMG[:, :4])
+        whole.kernel_fn(X_VEC, X_VEC[:, :4])
 
 
 def test_layer_errors_name_the_layer():

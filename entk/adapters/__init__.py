@@ -9,6 +9,7 @@ only when an object of it shows up.
 from __future__ import annotations
 
 import importlib
+import weakref
 from typing import Any, Callable
 
 import jax
@@ -37,6 +38,9 @@ def _framework_of(obj: Any) -> str | None:
     return next((top for top in _packages_of(obj) if top in _FRAMEWORKS), None)
 
 
+_FUNCTION_MODELS: "weakref.WeakKeyDictionary[Callable, Model]" = weakref.WeakKeyDictionary()
+
+
 def to_model(model: Any, example_input: Any, *, params: PyTree = None) -> Model:
     """Whatever the user holds, as an `entk.Model`.
 
@@ -55,7 +59,11 @@ def to_model(model: Any, example_input: Any, *, params: PyTree = None) -> Model:
     if callable(model):
         if params is None:
             raise TypeError("A plain function model needs its parameters: entk.ntk(f, x1, params=...).")
-        return Model.from_function(model, params)
+        # One Model per function, so its compiled kernel functions are reused across calls (the
+        # caller passes the current params explicitly).
+        if model not in _FUNCTION_MODELS:
+            _FUNCTION_MODELS[model] = Model.from_function(model, params)
+        return _FUNCTION_MODELS[model]
     raise TypeError(f"entk cannot use a {type(model).__module__}.{type(model).__name__} as a model; "
                     f"pass an entk.Model, a torch.nn.Module, a Keras model, a (flax_module, variables) "
                     f"pair, or a function f(params, x) with params=...")

@@ -34,7 +34,7 @@ KERNEL_FIELDS = ("nngp", "ntk", "cov1", "cov2", "x1_is_x2", "is_gaussian", "is_i
 
 
 @jax.tree_util.register_pytree_node_class
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Kernel:
     """Infinite-width kernels of one layer's outputs plus the bookkeeping the next layer needs.
 
@@ -105,10 +105,12 @@ def _as_float_array(x: Any, name: str) -> Array:
     return x
 
 
-def _same_values(x1: Array, x2: Array) -> bool:
+def _same_values(x1: Any, x2: Any) -> bool:
+    """Equal by value, when that can be known without tracing (concrete arrays)."""
     if isinstance(x1, jax.core.Tracer) or isinstance(x2, jax.core.Tracer):
         return False
-    return x1.shape == x2.shape and bool(np.array_equal(np.asarray(x1), np.asarray(x2)))
+    a, b = np.asarray(x1), np.asarray(x2)
+    return a.shape == b.shape and bool(np.array_equal(a, b))
 
 
 def _gram(a: Array, b: Array, same_example: bool) -> Array:
@@ -232,13 +234,9 @@ def _drop_if_same(x1: Any, x2: Any) -> Any:
         if all(_drop_if_same(a, b) is None for a, b in zip(x1, x2)):
             return None
         return x2
-    if isinstance(x1, Kernel) or isinstance(x2, Kernel):
+    if isinstance(x1, (Kernel, list, tuple)) or isinstance(x2, (Kernel, list, tuple)):
         return x2
-    try:
-        a, b = jnp.asarray(x1), jnp.asarray(x2)
-    except TypeError:
-        return x2
-    return None if _same_values(a, b) else x2
+    return None if _same_values(x1, x2) else x2
 
 
 def _to_kernels(x1: Any, x2: Any, compute_ntk: bool) -> Kernel | list[Kernel]:
@@ -276,11 +274,10 @@ def layer(name: str, init_fn: Callable, apply_fn: Callable, transform: Transform
 
 def transform_of(item: Any, where: str) -> Transform:
     """The kernel map of a layer triple, or a clear error for something that is not one."""
-    try:
-        kernel_fn = item[2]
-    except (TypeError, IndexError):
+    if not (isinstance(item, tuple) and len(item) == 3):
         raise TypeError(f"{where} is {item!r}, not an entk.stax layer (init_fn, apply_fn, "
-                        f"kernel_fn).") from None
+                        f"kernel_fn).")
+    kernel_fn = item[2]
     if not isinstance(kernel_fn, AnalyticKernelFn):
         raise TypeError(f"{where} has a kernel_fn that is not an entk.stax kernel function "
                         f"({kernel_fn!r}); build the network from entk.stax layers only.")

@@ -63,39 +63,39 @@ def _batch_size_of(x: PyTree) -> int:
     return sizes.pop()
 
 
-def _make_sampler(init_fn, apply_fn, trace_axes, diagonal_axes, vmap_axes, implementation):
-    """`sample(x1, x2, key, get, kwargs)`: one initialisation's empirical kernels.
+class _Sampler:
+    """One initialisation's empirical kernels for a network and kernel options.
 
-    `init_fn` runs eagerly (JAX caches its random-number kernels per shape across all callers, which
-    compile slowly) and the kernel computation is jitted with the params as arguments.
+    `init_fn` runs eagerly (JAX caches its random-number kernels per shape across all callers; they
+    compile slowly), and the kernel computation is jitted with the params as arguments, so new
+    samples, keys and sample counts reuse one compiled program per input shape.
     """
-    from entk.empirical import empirical_kernel_fn
 
-    empirical = jax.jit(empirical_kernel_fn(apply_fn, trace_axes, diagonal_axes, vmap_axes,
-                                            implementation), static_argnames="get")
-    pass_rng = _accepts_rng(apply_fn)
+    def __init__(self, init_fn, apply_fn, trace_axes, diagonal_axes, vmap_axes, implementation):
+        from entk.empirical import empirical_kernel_fn
 
-    def one_sample(x1, x2, sample_key, get, kwargs):
+        self.init_fn = init_fn
+        self.kernel = jax.jit(empirical_kernel_fn(apply_fn, trace_axes, diagonal_axes, vmap_axes,
+                                                  implementation), static_argnames="get")
+        self.pass_rng = _accepts_rng(apply_fn)
+
+    def params(self, sample_key: jax.Array, x1: PyTree) -> tuple[PyTree, dict]:
+        """The sample's params and the extra apply_fn kwargs (its `rng`, when `apply_fn` takes one)."""
         init_key, rng_key = random.split(sample_key)
-        input_shape = jax.tree_util.tree_map(jnp.shape, x1)
-        _, params = init_fn(init_key, input_shape)
-        if pass_rng and "rng" not in kwargs:
-            kwargs = {**kwargs, "rng": rng_key}
-        return empirical(x1, x2, get, params, **kwargs)
-
-    return one_sample
+        _, params = self.init_fn(init_key, jax.tree_util.tree_map(jnp.shape, x1))
+        return params, ({"rng": rng_key} if self.pass_rng else {})
 
 
-_cached_sampler = functools.lru_cache(maxsize=16)(_make_sampler)
+_cached_sampler = functools.lru_cache(maxsize=16)(_Sampler)
 
 
-def _compiled_sampler(*args):
+def _sampler(*args) -> _Sampler:
     """Samplers are shared between kernel functions of the same network and options, so building a
     new Monte Carlo kernel_fn (e.g. with another key or sample count) does not recompile."""
     try:
         return _cached_sampler(*args)
     except TypeError:  # unhashable options, e.g. vmap_axes given as a dict
-        return _make_sampler(*args)
+        return _Sampler(*args)
 
 
 def monte_carlo_kernel_fn(init_fn: Callable, apply_fn: Callable, key: jax.Array,
@@ -134,12 +134,17 @@ def monte_carlo_kernel_fn(init_fn: Callable, apply_fn: Callable, key: jax.Array,
         raise ValueError("batch_size needs an untraced batch axis 0; drop 0 from trace_axes or use "
                          "batch_size=0.")
     batch_diagonal = 0 in diag
-    one_sample_jit = _compiled_sampler(init_fn, apply_fn, trace_axes, diagonal_axes, vmap_axes,
-                                       implementation)
+    sampler = _sampler(init_fn, apply_fn, trace_axes, diagonal_axes, vmap_axes, implementation)
 
     def sample(x1, x2, sample_key, get, kwargs):
+        params, extra = sampler.params(sample_key, x1)
+        kwargs = {**extra, **kwargs}  # an explicit rng from the caller wins
+
+        def block(a, b):
+            return sampler.kernel(a, b, get, params, **kwargs)
+
         if not batch_size:
-            return one_sample_jit(x1, x2, sample_key, get, kwargs)
+            return block(x1, x2)
         n1 = _batch_size_of(x1)
         x2_ = x1 if x2 is None else x2
         n2 = _batch_size_of(x2_)
@@ -148,15 +153,12 @@ def monte_carlo_kernel_fn(init_fn: Callable, apply_fn: Callable, key: jax.Array,
             if n1 != n2:
                 raise ValueError(f"diagonal_axes includes the batch axis, so x1 and x2 need the same "
                                  f"batch size, got {n1} and {n2}.")
-            blocks = [one_sample_jit(_take(x1, s), None if x2 is None else _take(x2, s),
-                                     sample_key, get, kwargs) for s in rows1]
+            blocks = [block(_take(x1, s), None if x2 is None else _take(x2, s)) for s in rows1]
             return jax.tree_util.tree_map(lambda *b: jnp.concatenate(b, 0), *blocks)
         rows = []
         for i, s1 in enumerate(rows1):
-            row = []
-            for j, s2 in enumerate(rows2):
-                b2 = None if (x2 is None and i == j) else _take(x2_, s2)
-                row.append(one_sample_jit(_take(x1, s1), b2, sample_key, get, kwargs))
+            row = [block(_take(x1, s1), None if (x2 is None and i == j) else _take(x2_, s2))
+                   for j, s2 in enumerate(rows2)]
             rows.append(jax.tree_util.tree_map(lambda *b: jnp.concatenate(b, 1), *row))
         return jax.tree_util.tree_map(lambda *b: jnp.concatenate(b, 0), *rows)
 

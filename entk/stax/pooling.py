@@ -89,7 +89,7 @@ def _pool(name: str, window_shape: Sequence[int], strides: Sequence[int] | None,
             return mat / jnp.asarray(divisor, mat.dtype)
 
         return k.map_matrices(window_op).replace(
-            is_input=False, shape1=(k.shape1[0],) + out + (k.shape1[-1],),
+            shape1=(k.shape1[0],) + out + (k.shape1[-1],),
             shape2=(k.shape2[0],) + out + (k.shape2[-1],))
 
     return layer(name, init_fn, apply_fn, transform)
@@ -133,7 +133,7 @@ def _global_pool(name: str, average: bool) -> Layer:
             axes = tuple(range(first_axis, mat.ndim))
             return jnp.mean(mat, axes) if average else jnp.sum(mat, axes)
 
-        return k.map_matrices(reduce).replace(is_input=False, shape1=(k.shape1[0], k.shape1[-1]),
+        return k.map_matrices(reduce).replace(shape1=(k.shape1[0], k.shape1[-1]),
                                               shape2=(k.shape2[0], k.shape2[-1]))
 
     return layer(name, init_fn, apply_fn, transform)
@@ -173,7 +173,7 @@ def Flatten(batch_axis: int = 0, batch_axis_out: int = 0) -> Layer:
             return jnp.mean(diag, tuple(range(first_axis, diag.ndim)))
 
         return k.map_matrices(reduce).replace(
-            is_input=False, shape1=(k.shape1[0], math.prod(k.shape1[1:])),
+            shape1=(k.shape1[0], math.prod(k.shape1[1:])),
             shape2=(k.shape2[0], math.prod(k.shape2[1:])))
 
     return layer("Flatten", init_fn, apply_fn, transform)
