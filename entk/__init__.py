@@ -35,6 +35,7 @@ _LAZY = {
     "stax": "entk.stax",
     "predict": "entk.predict",
     "metrics": "entk.metrics",
+    "monitor": "entk.monitor",
     "algorithms": "entk.algorithms",
     "adapters": "entk.adapters",
 }

@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    return int(args.run(args) or 0)
+    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--memory-budget-mb", type=float, default=None)
     p.add_argument("--plot", metavar="PATH", help="save a PNG of time and memory per strategy")
     p.add_argument("--json", metavar="PATH", help="save the report as JSON")
-    p.set_defaults(run=run)
+    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

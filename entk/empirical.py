@@ -12,7 +12,6 @@ Conventions are neural-tangents' (so its users feel at home), for every output l
 from __future__ import annotations
 
 import collections
-import weakref
 from typing import Any, Callable, Sequence
 
 import jax
@@ -170,16 +169,34 @@ def ntk(model: Any, x1: Any, x2: Any = None, *, params: PyTree = None, **ntk_kwa
     return jax.tree_util.tree_map(lambda k: to_native(k, x1), kernel)
 
 
-_COMPILED: "weakref.WeakKeyDictionary[Model, dict]" = weakref.WeakKeyDictionary()
+# Compiled kernel functions, keyed by the model's apply function (not the Model object), so a Model
+# rebuilt with new weights (training, a re-read torch module) reuses them: params and state are
+# arguments of the compiled function, never constants baked into it.
+_COMPILED: "collections.OrderedDict[Any, tuple[Callable, dict]]" = collections.OrderedDict()
+_COMPILED_MAX = 64
 
 
-def _compiled_ntk_fn(model: Model, ntk_kwargs: dict) -> KernelFn:
-    key = repr(sorted(ntk_kwargs.items()))
-    per_model = _COMPILED.setdefault(model, {})
-    if key not in per_model:
-        kernel_fn = empirical_ntk_fn(model, **ntk_kwargs)
-        per_model[key] = jax.jit(kernel_fn)
-    return per_model[key]
+def _compiled_ntk_fn(model: Model, ntk_kwargs: dict) -> Callable[..., PyTree]:
+    """`(x1, x2, params) -> kernel`, jitted once per apply function, capabilities and settings."""
+    fn = model.apply_with_state
+    entry = _COMPILED.get(id(fn))
+    if entry is None or entry[0] is not fn:
+        entry = (fn, {})  # holding fn keeps its id from being reused while cached
+        _COMPILED[id(fn)] = entry
+        while len(_COMPILED) > _COMPILED_MAX:
+            _COMPILED.popitem(last=False)
+    per_fn = entry[1]
+    key = (repr(sorted(ntk_kwargs.items())), tuple(sorted(model.capabilities)))
+    if key not in per_fn:
+        capabilities = model.capabilities
+
+        def kernel(x1, x2, params, state):
+            bound = Model(fn, params, state, capabilities=capabilities)
+            return empirical_ntk_fn(bound, **ntk_kwargs)(x1, x2, params)
+
+        per_fn[key] = jax.jit(kernel)
+    compiled = per_fn[key]
+    return lambda x1, x2, params: compiled(x1, x2, params, model.state)
 
 
 # ----------------------------------------------------------------------------------------------

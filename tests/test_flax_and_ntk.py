@@ -61,11 +61,17 @@ def test_ntk_one_call_numpy_in_numpy_out(flax_case):
     kernel = entk.ntk(model, x_np, implementation="jc")
     assert isinstance(kernel, np.ndarray)
     assert_close(jnp.asarray(kernel), brute_force_ntk(model.apply, x, None, model.params))
-    # Same model and settings: the compiled kernel function is reused, not rebuilt.
+    # Same model and settings: the compiled kernel function is reused, not rebuilt, also when the
+    # Model is rebuilt with new weights (as after a training step).
     from entk import empirical
-    assert len(empirical._COMPILED[model]) == 1
+    cache = empirical._COMPILED[id(model.apply_with_state)][1]
+    assert len(cache) == 1
+    first = next(iter(cache.values()))
     entk.ntk(model, x_np[:2], implementation="jc")
-    assert len(empirical._COMPILED[model]) == 1
+    trained = model.replace(params=jax.tree_util.tree_map(lambda p: p * 1.1, model.params))
+    assert_close(jnp.asarray(entk.ntk(trained, x_np, implementation="jc")),
+                 brute_force_ntk(trained.apply, x, None, trained.params))
+    assert len(cache) == 1 and next(iter(cache.values())) is first
 
 
 def test_ntk_plain_function_and_flax_pair(flax_case):
@@ -73,11 +79,15 @@ def test_ntk_plain_function_and_flax_pair(flax_case):
     f = lambda p, x: module.apply({"params": p, "batch_stats": variables["batch_stats"]}, x)
     expected = brute_force_ntk(f, x, None, variables["params"])
     assert_close(entk.ntk(f, x, params=variables["params"]), expected)
-    # The plain function maps to one Model, so a second call reuses its compiled kernel function.
+    # The plain function maps to one apply function, so calls reuse its compiled kernel function,
+    # and each call's params are the ones used.
     from entk import adapters, empirical
     model = adapters.to_model(f, x, params=variables["params"])
-    assert adapters.to_model(f, x, params=variables["params"]) is model
-    assert len(empirical._COMPILED[model]) == 1
+    assert len(empirical._COMPILED[id(model.apply_with_state)][1]) == 1
+    doubled = jax.tree_util.tree_map(lambda p: 2 * p, variables["params"])
+    assert adapters.to_model(f, x, params=doubled).params is doubled
+    assert_close(entk.ntk(f, x, params=doubled), brute_force_ntk(f, x, None, doubled))
+    assert len(empirical._COMPILED[id(model.apply_with_state)][1]) == 1
     assert_close(entk.ntk((module, variables), x), expected)
     with pytest.raises(TypeError, match="needs its parameters"):
         entk.ntk(f, x)

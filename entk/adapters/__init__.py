@@ -59,11 +59,11 @@ def to_model(model: Any, example_input: Any, *, params: PyTree = None) -> Model:
     if callable(model):
         if params is None:
             raise TypeError("A plain function model needs its parameters: entk.ntk(f, x1, params=...).")
-        # One Model per function, so its compiled kernel functions are reused across calls (the
-        # caller passes the current params explicitly).
+        # One wrapper per function, so compiled kernel functions (keyed by it) are reused across
+        # calls; the returned Model always carries the params of this call.
         if model not in _FUNCTION_MODELS:
             _FUNCTION_MODELS[model] = Model.from_function(model, params)
-        return _FUNCTION_MODELS[model]
+        return _FUNCTION_MODELS[model].replace(params=params)
     raise TypeError(f"entk cannot use a {type(model).__module__}.{type(model).__name__} as a model; "
                     f"pass an entk.Model, a torch.nn.Module, a Keras model, a (flax_module, variables) "
                     f"pair, or a function f(params, x) with params=...")
