@@ -34,6 +34,7 @@ _LAZY = {
     "compute_kernel": "entk.scale:compute_kernel",
     "stax": "entk.stax",
     "predict": "entk.predict",
+    "scale": "entk.scale",
     "metrics": "entk.metrics",
     "monitor": "entk.monitor",
     "algorithms": "entk.algorithms",

@@ -1,0 +1,119 @@
+"""`entk ntk SPEC --input X.npy [--input2 X2.npy] --store PATH [--tile N]`: an eNTK into a store.
+
+The kernel is computed tile by tile with `entk.compute_kernel` into a zarr store, with a progress bar;
+rerunning the same command after an interruption computes only the missing tiles, and a store holding
+another kernel is refused. Read the result with `zarr.open_group(PATH)["kernel"]` (or
+`numpy.asarray` of it). Without --input2 a traced kernel is symmetric: only the tiles on and above
+the diagonal are computed, the others are their transposes. Under `jax.distributed` (one command per
+process, all with the same store) the processes share the tiles.
+
+Also runnable as `python -m entk.cli_ntk ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Sequence
+
+
+def _tile(text: str):
+    if text == "auto":
+        return "auto"
+    try:
+        sizes = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) not in (1, 2) or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"--tile {text!r}: use 'auto', N, or ROWS,COLS "
+                                         f"(positive ints).")
+    return sizes[0] if len(sizes) == 1 else sizes
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "ntk", help="compute a model's empirical NTK into a resumable on-disk store",
+        description="Compute the empirical NTK of the model SPEC names on the examples of --input "
+                    "(and --input2) tile by tile into a zarr store, with progress. Rerunning the "
+                    "command resumes: finished tiles are skipped. SPEC is package.module:callable "
+                    "or file.py:callable returning an entk.Model, (f, params), a stax (init_fn, "
+                    "apply_fn, kernel_fn), (flax_module, variables), a torch.nn.Module or a Keras "
+                    "model.")
+    p.add_argument("spec", metavar="SPEC")
+    p.add_argument("--input", required=True, metavar="FILE.npy",
+                   help="x1: examples on axis 0 (torch layout for torch models)")
+    p.add_argument("--input2", metavar="FILE.npy", help="x2 (default: x2 = x1)")
+    p.add_argument("--store", required=True, metavar="PATH", help="zarr store directory")
+    p.add_argument("--tile", type=_tile, default="auto",
+                   help="examples per tile: N, ROWS,COLS, or auto (default: from the memory budget; "
+                        "a resumed store keeps its own)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--trace", dest="trace", action="store_true", default=True,
+                       help="average over the last output axis (default): kernel (N1, N2)")
+    group.add_argument("--full", dest="trace", action="store_false",
+                       help="full kernel (N1, N2, O, O)")
+    p.add_argument("--vmap", action="store_true",
+                   help="vmap_axes=0: the model treats examples independently (faster)")
+    p.add_argument("--implementation", default="auto", help="auto, jc, ntvp or sd (default auto)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float64"],
+                   help="cast floating-point inputs (float64 turns on jax_enable_x64)")
+    p.add_argument("--outputs", type=int, default=None,
+                   help="passed as outputs=N to SPEC's callable, if it accepts it")
+    p.add_argument("--memory-budget-mb", type=float, default=None,
+                   help="memory per device for --tile auto (default: half the free memory)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _load(path: str, dtype: str | None):
+    import numpy as np
+
+    x = np.load(path, mmap_mode="r")
+    if dtype is not None and np.issubdtype(x.dtype, np.floating):
+        x = x.astype(dtype)
+    return x
+
+
+def run(args: argparse.Namespace) -> int:
+    """Computes (or resumes) the kernel; prints a one-line JSON summary on stdout."""
+    import jax
+    import numpy as np
+
+    if args.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    import entk
+    from entk.spec import load_model
+
+    x1 = _load(args.input, args.dtype)
+    x2 = None if args.input2 is None else _load(args.input2, args.dtype)
+    model = load_model(args.spec, np.asarray(x1[:2]), outputs=args.outputs)
+    ntk_fn = entk.empirical_ntk_fn(model, trace_axes=(-1,) if args.trace else (),
+                                   vmap_axes=0 if args.vmap else None,
+                                   implementation=args.implementation)
+    budget = None if args.memory_budget_mb is None else int(args.memory_budget_mb * 2 ** 20)
+    # The NTK of x1 with itself is symmetric; when it is (N, N) only half the tiles are computed.
+    outputs = jax.eval_shape(model.apply, model.params, np.asarray(x1[:2]))
+    symmetric = x2 is None and args.trace and all(
+        len(leaf.shape) == 2 for leaf in jax.tree_util.tree_leaves(outputs))
+    start = time.perf_counter()
+    kernel = entk.compute_kernel(ntk_fn, x1, x2, model.params, store=args.store, tile=args.tile,
+                                 progress=args.progress, memory_budget=budget, symmetric=symmetric)
+    leaves = jax.tree_util.tree_leaves(kernel)
+    print(json.dumps({"store": args.store, "shape": [list(k.shape) for k in leaves],
+                      "chunks": [list(k.chunks) for k in leaves], "dtype": str(leaves[0].dtype),
+                      "seconds": round(time.perf_counter() - start, 3)}))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m entk.cli_ntk ARGS` is `entk ntk ARGS`."""
+    from entk.cli import main as entk_main
+
+    return entk_main(["ntk", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
