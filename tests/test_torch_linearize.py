@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from entk.adapters.torch.linearize import LinearizedModule, linearize  # noqa: E402
+from entk.adapters.torch import LinearizedModule, linearize  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 

@@ -18,9 +18,9 @@ This module also provides the hooks `entk.ntk` uses for torch tensors in / torch
 
 from __future__ import annotations
 
+import collections
 import sys
 import warnings
-import weakref
 from typing import Any
 
 import jax
@@ -31,7 +31,7 @@ from entk.model import ALL_STRATEGIES, Model
 PyTree = Any
 
 __all__ = ["from_torch", "is_model", "is_tensor", "to_jax", "to_native", "ExportFallbackWarning",
-           "linearize"]
+           "clear_cache", "linearize"]
 
 _MODES = ("auto", "export", "bridge")
 
@@ -137,7 +137,27 @@ class _Converted:
         self.exported, self.model, self.fingerprint = exported, model, fingerprint
 
 
-_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+# id(module) -> (module, {options: _Converted}), least recently used first. A converted model must
+# keep its module alive (new input shapes export it again), so the cache holds modules strongly and
+# is bounded instead; `clear_cache()` releases everything.
+_CACHE: "collections.OrderedDict[int, tuple[Any, dict]]" = collections.OrderedDict()
+CACHE_SIZE = 8
+
+
+def clear_cache() -> None:
+    """Forgets every cached conversion (and releases the modules it kept alive)."""
+    _CACHE.clear()
+
+
+def _module_cache(module: Any) -> dict:
+    entry = _CACHE.get(id(module))
+    if entry is None or entry[0] is not module:
+        entry = (module, {})
+        _CACHE[id(module)] = entry
+        while len(_CACHE) > CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    _CACHE.move_to_end(id(module))
+    return entry[1]
 
 
 def from_torch(module: Any, example_input: Any, mode: str = "auto", *,
@@ -166,7 +186,8 @@ def from_torch(module: Any, example_input: Any, mode: str = "auto", *,
       (torch's dtypes), `state = {"buffers": ..., "frozen": ..., "constants": ...}`, and `info`
       saying which mode and train/eval setting were used. Converting the same module again with
       inputs of the same structure/dtypes returns the cached model (refreshed if the module's
-      tensors changed), without exporting again.
+      tensors changed), without exporting again; the last `CACHE_SIZE` modules are cached
+      (`clear_cache()` empties the cache).
 
     Raises:
       UnsupportedOpsError / ExportError (in `mode="export"`): the ATen ops without a translation
@@ -182,20 +203,35 @@ def from_torch(module: Any, example_input: Any, mode: str = "auto", *,
                         f"{type(module).__module__}.{type(module).__name__}; wrap a plain function "
                         f"in a Module whose forward calls it.")
     example_input = _as_torch_example(example_input)
-    key = (mode, include_frozen, training, batch_axis, _input_signature(example_input))
-    per_module = _CACHE.setdefault(module, {})
+    options = (include_frozen, training, batch_axis, _input_signature(example_input))
+    per_module = _module_cache(module)
     fingerprint = _fingerprint(module)
-    cached = per_module.get(key)
+    cached = _lookup(per_module, mode, options)
     if cached is not None:
-        if cached.fingerprint == fingerprint:
-            return cached.model
-        model = cached.model.replace(**_tensors_of(module, cached.model, include_frozen))
-        per_module[key] = _Converted(cached.exported, model, fingerprint)
+        key, entry = cached
+        if entry.fingerprint == fingerprint:
+            return entry.model
+        model = entry.model.replace(**_tensors_of(module, entry.model, include_frozen))
+        per_module[key] = _Converted(entry.exported, model, fingerprint)
         return model
 
-    converted = _convert(module, example_input, mode, include_frozen, training, batch_axis)
-    per_module[key] = _Converted(converted[0], converted[1], fingerprint)
-    return converted[1]
+    exported, model = _convert(module, example_input, mode, include_frozen, training, batch_axis)
+    per_module[(mode,) + options] = _Converted(exported, model, fingerprint)
+    return model
+
+
+def _lookup(per_module: dict, mode: str, options: tuple) -> tuple[tuple, _Converted] | None:
+    """A cached conversion serving `mode`: "auto" and "export" share a successful export."""
+    candidates = {"auto": ("export", "auto"), "export": ("export", "auto"), "bridge": ("bridge",)}
+    for stored_mode in candidates[mode]:
+        key = (stored_mode,) + options
+        entry = per_module.get(key)
+        if entry is None:
+            continue
+        if mode == "export" and entry.model.info.get("mode") != "export":
+            continue  # an auto conversion that fell back to the bridge
+        return key, entry
+    return None
 
 
 def _trainable(module: Any, include_frozen: bool) -> set[str]:
@@ -301,6 +337,4 @@ def _trial_run(model: Model, example_input: Any) -> None:
                    to_jax(example_input))
 
 
-# `entk.adapters.torch.linearize(module)` is the function; importing it here also keeps the package
-# attribute bound to the function rather than to the `linearize` submodule of the same name.
-from entk.adapters.torch.linearize import linearize  # noqa: E402
+from entk.adapters.torch.linearized_module import LinearizedModule, linearize  # noqa: E402

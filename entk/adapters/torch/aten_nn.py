@@ -250,8 +250,9 @@ def _pool_args(x, kernel_size, stride, padding, dilation, ceil_mode, n):
 def _max_pool(n):
     def translate(self, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
         x, k, s, pads, d, _ = _pool_args(self, kernel_size, stride, padding, dilation, ceil_mode, n)
-        init = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
-        out = lax.reduce_window(x, jnp.asarray(init, x.dtype), lax.max, k, s, pads,
+        # A NumPy (not traced) identity lets JAX pick its differentiable reduce_window_max.
+        init = -np.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
+        out = lax.reduce_window(x, np.asarray(init, x.dtype), lax.max, k, s, pads,
                                 window_dilation=d)
         return out, Unavailable("max-pool indices")
     return translate
@@ -284,7 +285,7 @@ def _avg_pool(n):
     def translate(self, kernel_size, stride=(), padding=0, ceil_mode=False,
                   count_include_pad=True, divisor_override=None):
         x, k, s, pads, _, outs = _pool_args(self, kernel_size, stride, padding, 1, ceil_mode, n)
-        total = lax.reduce_window(x, jnp.asarray(0, x.dtype), lax.add, k, s, pads)
+        total = lax.reduce_window(x, np.asarray(0, x.dtype), lax.add, k, s, pads)
         if divisor_override:
             return total / divisor_override
         size = self.shape[self.ndim - n:]
@@ -486,12 +487,12 @@ def embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=
         raise NotImplementedError(
             "nn.Embedding(scale_grad_by_freq=True) rescales gradients by batch word counts, which "
             "a pure function of the parameters cannot express; use mode='bridge'.")
+    out = jnp.take(weight, indices, axis=0)
     if padding_idx is not None and padding_idx >= 0:
-        # PyTorch never propagates gradient into the padding row.
-        mask = np.zeros((weight.shape[0],) + (1,) * (weight.ndim - 1), bool)
-        mask[padding_idx] = True
-        weight = jnp.where(mask, lax.stop_gradient(weight), weight)
-    return jnp.take(weight, indices, axis=0)
+        # PyTorch never propagates gradient into the padding row: its lookups are constants.
+        is_padding = jnp.expand_dims(indices == padding_idx, tuple(range(indices.ndim, out.ndim)))
+        out = jnp.where(is_padding, lax.stop_gradient(out), out)
+    return out
 
 
 def _check_no_dropout(p, train):

@@ -60,8 +60,8 @@ def unsqueeze(self, dim):
 @register("squeeze.dims", "squeeze.dim", "squeeze.default", "squeeze_copy.dims",
           "squeeze_copy.dim", "squeeze_copy.default")
 def squeeze(self, dim=None):
-    if self.ndim == 0:
-        return self
+    if self.ndim == 0 or (isinstance(dim, (list, tuple)) and not dim):
+        return self  # squeeze.dims(x, []) squeezes nothing
     dims = norm_dims(dim, self.ndim) if dim is not None else tuple(range(self.ndim))
     return jnp.squeeze(self, tuple(d for d in dims if self.shape[d] == 1))
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import re
 import traceback
@@ -89,6 +90,7 @@ def node_location(node: torch.fx.Node) -> str:
 # ---------------------------------------------------------------- dtype conversion
 
 
+@functools.lru_cache(maxsize=None)
 def numpy_dtype(dtype: torch.dtype) -> np.dtype:
     """The NumPy / JAX dtype of a torch dtype."""
     mapping = {torch.bfloat16: jnp.bfloat16, torch.bool: np.bool_}
@@ -98,15 +100,24 @@ def numpy_dtype(dtype: torch.dtype) -> np.dtype:
 
 
 def tensor_to_jax(t: torch.Tensor, *, copy: bool) -> jax.Array:
-    """A torch tensor as a JAX array (DLPack where possible); `copy=True` never aliases its memory."""
+    """A torch tensor as a JAX array.
+
+    `copy=False` shares memory through DLPack where possible (JAX then sees later in-place changes
+    of the tensor; fine for inputs). `copy=True` never aliases (used for parameters and buffers,
+    which the user may keep training in place). 64-bit tensors go through NumPy when JAX's x64
+    mode is off, so they are canonicalized to 32 bits as JAX does everywhere else.
+    """
     t = t.detach().resolve_conj().resolve_neg()
-    if t.dtype == torch.bfloat16 or t.device.type != "cpu":
+    wide = t.dtype in (torch.float64, torch.int64, torch.complex128)
+    if not (wide and not jax.config.jax_enable_x64):
         try:
             out = jax.dlpack.from_dlpack(t.contiguous())
             return jnp.array(out, copy=True) if copy else out
-        except Exception:  # noqa: BLE001 - device JAX cannot import: go through host memory
-            t = t.cpu() if t.dtype != torch.bfloat16 else t.float().cpu()
-    array = t.numpy()
+        except Exception:  # noqa: BLE001 - a device or dtype JAX cannot import: go through host
+            pass
+    if t.dtype == torch.bfloat16:
+        return jnp.asarray(t.float().cpu().numpy(), dtype=jnp.bfloat16)
+    array = t.cpu().numpy()
     return jnp.array(array, copy=True) if copy else jnp.asarray(array)
 
 
@@ -192,11 +203,11 @@ def _quiet_torch_logs() -> Iterator[None]:
     import logging
 
     loggers = [logging.getLogger(name) for name in
-               ("torch.fx.experimental.symbolic_shapes", "torch.export", "torch._export",
+               ("torch.fx.experimental.symbolic_shapes", "torch.export", "torch._export", "torch._subclasses",
                 "torch._dynamo", "torch._functorch", "torch.fx")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
-        logger.setLevel(logging.ERROR)
+        logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
@@ -391,8 +402,8 @@ def _materialize(value: Any, env: dict[str, Any], node: torch.fx.Node) -> Any:
         return type(value)(_materialize(v, env, node) for v in value)
     if isinstance(value, dict):
         return {k: _materialize(v, env, node) for k, v in value.items()}
-    if isinstance(value, torch.dtype):
-        return numpy_dtype(value)
+    if isinstance(value, torch.dtype):  # as JAX would hold it (64-bit types need x64 mode)
+        return np.dtype(jax.dtypes.canonicalize_dtype(numpy_dtype(value)))
     if isinstance(value, torch.Tensor):
         return tensor_to_jax(value, copy=True)
     return value
