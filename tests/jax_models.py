@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 DTYPE = jnp.float64
 
 
+def _rng(key) -> np.random.Generator:
+    return np.random.default_rng(np.asarray(key).tolist())
+
+
 def _normal(key, shape, scale=1.0, dtype=DTYPE):
-    return scale * jax.random.normal(key, shape, dtype)
+    """Gaussian array from NumPy (a float64 jax.random call compiles once per shape: slow in tests)."""
+    return jnp.asarray(scale * _rng(key).standard_normal(shape), dtype)
 
 
 def _dense_params(key, n_in, n_out):
@@ -192,11 +198,11 @@ ZOO = {fn.__name__: fn for fn in (mlp, conv_nhwc, conv_nchw, pooling, layer_norm
 
 def make(name: str, n1: int = 3, n2: int = 2, seed: int = 0):
     """`(f, params, x1, x2)` for zoo entry `name`."""
-    keys = jax.random.split(jax.random.PRNGKey(seed), 8)
+    keys = [np.array([seed, i], np.uint32) for i in range(8)]
     f, params, shape, kind = ZOO[name](keys)
     if kind == "int":
-        x1 = jax.random.randint(keys[6], (n1,) + shape, 0, 7)
-        x2 = jax.random.randint(keys[7], (n2,) + shape, 0, 7)
+        x1 = jnp.asarray(_rng(keys[6]).integers(0, 7, (n1,) + shape), jnp.int32)
+        x2 = jnp.asarray(_rng(keys[7]).integers(0, 7, (n2,) + shape), jnp.int32)
     else:
         x1 = _normal(keys[6], (n1,) + shape)
         x2 = _normal(keys[7], (n2,) + shape)
