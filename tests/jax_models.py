@@ -19,7 +19,13 @@ def _rng(key) -> np.random.Generator:
 
 
 def _normal(key, shape, scale=1.0, dtype=DTYPE):
-    """Gaussian array from NumPy (a float64 jax.random call compiles once per shape: slow in tests)."""
+    """Gaussian array from NumPy (a float64 jax.random call compiles once per shape: slow in tests).
+
+    Under tracing (e.g. `jax.eval_shape` of a builder, to get parameter shapes) the key is abstract,
+    so jax.random stands in: only shapes are computed then.
+    """
+    if isinstance(key, jax.core.Tracer):
+        return scale * jax.random.normal(key, shape, dtype)
     return jnp.asarray(scale * _rng(key).standard_normal(shape), dtype)
 
 
