@@ -12,6 +12,9 @@ import importlib
 from typing import Any
 
 from entk.algorithms import Strategy
+# Imported eagerly (JAX only): `entk.linearize` names both the function and its submodule, and a later
+# import of the submodule must not rebind the package attribute to the module.
+from entk.linearize import linearize, taylor_expand
 from entk.model import Model
 
 __version__ = "0.1.0"
@@ -23,8 +26,6 @@ _LAZY = {
     "empirical_kernel_fn": "entk.empirical:empirical_kernel_fn",
     "empirical_ntk_vp_fn": "entk.empirical:empirical_ntk_vp_fn",
     "ntk": "entk.empirical:ntk",
-    "linearize": "entk.linearize:linearize",
-    "taylor_expand": "entk.linearize:taylor_expand",
     "from_flax": "entk.adapters.flax:from_flax",
     "from_torch": "entk.adapters.torch:from_torch",
     "from_tf": "entk.adapters.tf:from_tf",
@@ -41,7 +42,7 @@ _LAZY = {
     "adapters": "entk.adapters",
 }
 
-__all__ = ["Model", "Strategy", *_LAZY]
+__all__ = ["Model", "Strategy", "linearize", "taylor_expand", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

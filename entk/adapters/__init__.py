@@ -38,6 +38,13 @@ def _framework_of(obj: Any) -> str | None:
     return next((top for top in _packages_of(obj) if top in _FRAMEWORKS), None)
 
 
+def __getattr__(name: str) -> Any:
+    """`entk.adapters.torch` / `.tf` / `.flax` import on first access (their frameworks with them)."""
+    if name in ("torch", "tf", "flax"):
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 _FUNCTION_MODELS: "weakref.WeakKeyDictionary[Callable, Model]" = weakref.WeakKeyDictionary()
 
 
