@@ -10,11 +10,15 @@ import string
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 
 def reduce_axes(full: jax.Array, ndim: int, trace_axes, diagonal_axes) -> jax.Array:
-    """`full` has shape `S1 + S2` (ndim each); applies trace (mean) and diagonal axes by einsum."""
+    """`full` has shape `S1 + S2` (ndim each); applies trace (mean) and diagonal axes by einsum.
+
+    NumPy in, NumPy out (no compilation: cheap for references built in NumPy); JAX otherwise.
+    """
     trace = {a % ndim for a in trace_axes}
     diag = {a % ndim for a in diagonal_axes}
     left, right, out = [], [], []
@@ -33,7 +37,8 @@ def reduce_axes(full: jax.Array, ndim: int, trace_axes, diagonal_axes) -> jax.Ar
     size = 1
     for t in trace:
         size *= full.shape[t]
-    return jnp.einsum(spec, full) / size
+    einsum = np.einsum if isinstance(full, np.ndarray) else jnp.einsum
+    return einsum(spec, full) / size
 
 
 def brute_force_ntk(f, x1, x2, params, trace_axes=(-1,), diagonal_axes=(), **kwargs):

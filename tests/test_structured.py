@@ -25,32 +25,12 @@ import entk
 from entk.algorithms import structured
 from entk.algorithms.axes import KernelAxes, VmapAxes
 from tests import jax_models
+from tests.reference import reduce_axes
 
 F64 = jnp.float64
 
 
 # --- reference -------------------------------------------------------------------------------------
-
-
-def reduce_axes(full: np.ndarray, ndim: int, trace_axes, diagonal_axes) -> np.ndarray:
-    """`full[S1 + S2]` -> kernel: traced axes averaged, diagonal axes once, free axes interleaved."""
-    trace = {a % ndim for a in trace_axes}
-    diag = {a % ndim for a in diagonal_axes}
-    left, right, out, size = [], [], [], 1
-    label = iter(range(2 * ndim))
-    for i in range(ndim):
-        a = next(label)
-        if i in trace or i in diag:
-            left.append(a), right.append(a)
-            if i in diag:
-                out.append(a)
-            else:
-                size *= full.shape[i]
-        else:
-            b = next(label)
-            left.append(a), right.append(b)
-            out += [a, b]
-    return np.einsum(full, left + right, out) / size
 
 
 ZOO_VOCABULARY = 7  # integer inputs of tests/jax_models.py lie in [0, 7)
