@@ -97,7 +97,8 @@ def compare(f: Callable[..., PyTree] | Model, x1: PyTree, x2: PyTree | None = No
             memory_budget: int | None = None, **ntk_kwargs: Any) -> CompareReport:
     """Every available strategy on this problem, and the one `"auto"` picks.
 
-    Each strategy is compiled (for XLA's exact peak memory) and, with `measure=True`, run `repeats`
+    Each strategy is compiled from the program the cost model already traced (for XLA's exact peak
+    memory) and, with `measure=True`, run `repeats`
     times after a warm-up; the median is reported. A strategy whose compiled peak exceeds
     `memory_budget` (default: half the device's free memory) is reported as over budget and not run.
 
@@ -136,8 +137,7 @@ def compare(f: Callable[..., PyTree] | Model, x1: PyTree, x2: PyTree | None = No
             continue
         try:
             start = time.perf_counter()
-            lowered = cost.lower_strategy(f, x1, x2, params, apply_kwargs, est.strategy, ntk_kwargs)
-            compiled = lowered.compile()
+            compiled = est.lowered.compile()
             row["compile_s"] = time.perf_counter() - start
             row["peak_bytes"] = cost.compiled_peak_bytes(compiled)
         except Exception as error:  # noqa: BLE001 - reported in the table

@@ -180,6 +180,7 @@ class Estimate:
     compiled: Any = None
     compile_s: float | None = None
     n_ops: int = 0
+    lowered: Any = None        # the traced program, so compiling later does not trace again
 
 
 # Operations XLA fuses into their neighbours on every backend: they cost no launch of their own.
@@ -261,7 +262,7 @@ def estimate(f: Callable, x1: PyTree, x2: PyTree | None, params: PyTree, kwargs:
                  + FUSED_BYTES_FRACTION * bytes_accessed / cal.bytes_per_s
                  + n_ops * cal.op_overhead_s + cal.overhead_s)
     est = Estimate(strategy, flops, bytes_accessed, predicted, peak_bytes=bytes_accessed,
-                   n_ops=n_ops)
+                   n_ops=n_ops, lowered=lowered)
     if compile:
         start = time.perf_counter()
         est.compiled = lowered.compile()
@@ -325,8 +326,7 @@ def select(f: Callable, x1: PyTree, x2: PyTree | None, params: PyTree, kwargs: d
         if not math.isfinite(est.predicted_s):
             continue
         if est.peak_bytes > budget:  # the bound is loose: compile to know the real peak
-            lowered = lower_strategy(f, x1, x2, params, kwargs, est.strategy, ntk_kwargs)
-            peak = compiled_peak_bytes(lowered.compile())
+            peak = compiled_peak_bytes(est.lowered.compile())
             if peak is not None:
                 est.peak_bytes, est.peak_is_exact = peak, True
         if est.peak_bytes <= budget:
