@@ -15,6 +15,17 @@ from typing import Sequence
 _SUBCOMMANDS = ("entk.cli_compare", "entk.cli_ntk", "entk.cli_spectrum")
 
 
+def add_kernel_options(parser: argparse.ArgumentParser) -> None:
+    """`--trace/--full` and `--vmap`, shared by the subcommands that compute a kernel."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--trace", dest="trace", action="store_true", default=True,
+                       help="average over the last output axis (default): kernel (N1, N2)")
+    group.add_argument("--full", dest="trace", action="store_false",
+                       help="full kernel (N1, N2, O, O)")
+    parser.add_argument("--vmap", action="store_true",
+                        help="vmap_axes=0: the model treats examples independently (faster)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="entk", description="Empirical neural tangent kernels of JAX, PyTorch and Keras models.")

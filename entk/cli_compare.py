@@ -7,6 +7,8 @@ import json
 
 import numpy as np
 
+from entk.cli import add_kernel_options
+
 
 def _shape(text: str) -> tuple[int, ...]:
     try:
@@ -31,13 +33,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch2", type=int, default=None, help="examples in x2 (default: x2 = x1)")
     p.add_argument("--outputs", type=int, default=None,
                    help="passed as outputs=N to SPEC's callable, if it accepts it")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--trace", dest="trace", action="store_true", default=True,
-                       help="average over the last output axis (default): kernel (N1, N2)")
-    group.add_argument("--full", dest="trace", action="store_false",
-                       help="full kernel (N1, N2, O, O)")
-    p.add_argument("--vmap", action="store_true",
-                   help="vmap_axes=0: the model treats examples independently")
+    add_kernel_options(p)
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--no-measure", dest="measure", action="store_false",
                    help="compile only; do not time runs")

@@ -18,6 +18,8 @@ import sys
 import time
 from typing import Sequence
 
+from entk.cli import add_kernel_options
+
 
 def _tile(text: str):
     if text == "auto":
@@ -49,13 +51,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tile", type=_tile, default="auto",
                    help="examples per tile: N, ROWS,COLS, or auto (default: from the memory budget; "
                         "a resumed store keeps its own)")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--trace", dest="trace", action="store_true", default=True,
-                       help="average over the last output axis (default): kernel (N1, N2)")
-    group.add_argument("--full", dest="trace", action="store_false",
-                       help="full kernel (N1, N2, O, O)")
-    p.add_argument("--vmap", action="store_true",
-                   help="vmap_axes=0: the model treats examples independently (faster)")
+    add_kernel_options(p)
     p.add_argument("--implementation", default="auto", help="auto, jc, ntvp or sd (default auto)")
     p.add_argument("--dtype", default=None, choices=["float32", "float64"],
                    help="cast floating-point inputs (float64 turns on jax_enable_x64)")
