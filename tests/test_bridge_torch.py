@@ -376,3 +376,143 @@ def test_loop_fallback_is_correct(how):
     assert_close(jac_again, jac)
     loop_warnings = [r for r in record if "looping over the batch" in str(r.message)]
     assert len(loop_warnings) == (0 if how == "no vmap" else 1)  # warned once, not per call
+
+
+# ----------------------------------------------------------------------------------------------
+# JVPs without forward-mode AD: the double-VJP fallback
+
+
+class SelfAttention(torch.nn.Module):
+    """nn.MultiheadAttention's fused path: no forward-mode AD in torch."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+class _Cube(torch.autograd.Function):
+    """x³ with a backward formula and no `jvp`: torch.func.jvp refuses it."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x ** 3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x ** 2 * g
+
+
+class _CubeOnceDifferentiable(_Cube):
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x ** 2 * g
+
+
+class CubeNet(torch.nn.Module):
+    def __init__(self, cube):
+        super().__init__()
+        self.cube = cube
+        self.a, self.b = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(self.cube.apply(self.a(x)))
+
+
+def _jacrev_jvp(module, x, tangent, wrt="params"):
+    """`J t` from torch.func.jacrev (reverse mode, one VJP per output entry), contracted by hand."""
+    params = {k: v.detach() for k, v in module.named_parameters()}
+    if wrt == "params":
+        jac = torch.func.jacrev(lambda p: torch.func.functional_call(module, p, (x,)))(params)
+        out_ndim = jac[next(iter(params))].ndim - params[next(iter(params))].ndim
+        return sum(torch.tensordot(jac[k], torch.from_numpy(np.array(tangent[k])),
+                                   dims=params[k].ndim) for k in params), out_ndim
+    jac = torch.func.jacrev(lambda x: torch.func.functional_call(module, params, (x,)))(x)
+    return torch.tensordot(jac, torch.from_numpy(np.array(tangent)), dims=x.ndim), None
+
+
+@functools.lru_cache(maxsize=None)
+def attention_case():
+    torch.manual_seed(0)
+    module = SelfAttention().double().eval()
+    x = torch.randn(2, 3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    return module, bridge_model(module, x), x
+
+
+def test_forward_mode_is_kept_where_torch_has_it():
+    for name in ("mlp", "lstm"):
+        assert case(name)[1].info["forward_mode"].method == "torch.func.jvp", name
+
+
+def test_double_vjp_jvp_on_multihead_attention_matches_jacrev():
+    module, model, x = attention_case()
+    choice = model.info["forward_mode"]
+    assert choice.method == "double vjp", choice
+    assert "forward AD" in choice.reason and "_native_multi_head_attention" in choice.reason
+    params, xj = model.params, jx(x)
+    with pytest.raises(NotImplementedError, match="forward AD"):  # what the fallback stands in for
+        torch.func.jvp(_torch_f(module, x), (_as_torch(params),), (_as_torch(params),))
+
+    rng = np.random.default_rng(0)
+    tangent = {k: jnp.asarray(rng.standard_normal(v.shape)) for k, v in params.items()}
+    x_tangent = jnp.asarray(rng.standard_normal(xj.shape))
+    f = lambda p, x: model.apply(p, x)  # noqa: E731
+
+    @jax.jit
+    def derivatives(params, tangent, x_tangent):
+        _, by_params = jax.jvp(lambda p: f(p, xj), (params,), (tangent,))
+        _, by_input = jax.jvp(lambda x: f(params, x), (xj,), (x_tangent,))
+        jacobian = jax.jacfwd(lambda p: f(p, xj))(params)  # a batch of JVPs: torch.func.vmap
+        return by_params, by_input, jacobian
+
+    by_params, by_input, jacobian = derivatives(params, tangent, x_tangent)
+    expected, _ = _jacrev_jvp(module, x, tangent)
+    assert_close(by_params, expected, what="jvp in the parameters")
+    assert_close(by_input, _jacrev_jvp(module, x, x_tangent, wrt="x")[0], what="jvp in the input")
+    torch_jac = torch.func.jacrev(_torch_f(module, x))(_as_torch(params))
+    for k in params:
+        assert_close(jacobian[k], torch_jac[k], what=f"jacfwd {k}")
+
+
+def test_double_vjp_jvp_on_a_custom_function_without_jvp():
+    torch.manual_seed(0)
+    module = CubeNet(_Cube).double()
+    x = torch.randn(3, 3, dtype=torch.float64)
+    model = bridge_model(module, x)
+    assert model.info["forward_mode"].method == "double vjp"
+    assert "jvp function" in model.info["forward_mode"].reason
+    tangent = {k: jnp.ones_like(v) * 0.5 for k, v in model.params.items()}
+    _, out = jax.jit(lambda p, t: jax.jvp(lambda p: model.apply(p, jx(x)), (p,), (t,)))(
+        model.params, tangent)
+    assert_close(out, _jacrev_jvp(module, x, tangent)[0])
+    kernel = jax.jit(entk.empirical_ntk_fn(model, implementation="ntvp"))(jx(x), None, model.params)
+    assert_close(kernel, torch_reference_ntk(module, x, x))
+
+
+def test_non_differentiable_backward_makes_jvp_unavailable_not_wrong():
+    # Under torch.func a @once_differentiable backward does not raise when differentiated again: the
+    # double VJP would silently be zero. The probe at build time catches it.
+    torch.manual_seed(0)
+    module = CubeNet(_CubeOnceDifferentiable).double()
+    x = torch.randn(3, 3, dtype=torch.float64)
+    model = bridge_model(module, x)
+    choice = model.info["forward_mode"]
+    assert choice.method == "unavailable" and "disagrees with the VJP" in choice.reason, choice
+    assert model.capabilities == frozenset({"jc"})
+    with pytest.raises(ValueError, match="not supported by this model"):
+        entk.empirical_ntk_fn(model, implementation="ntvp")
+    with pytest.raises(NotImplementedError, match="implementation='jc'"):
+        jax.jvp(lambda p: model.apply(p, jx(x)), (model.params,), (model.params,))
+    kernel = jax.jit(entk.empirical_ntk_fn(model, implementation="jc"))(jx(x), None, model.params)
+    assert_close(kernel, torch_reference_ntk(module, x, x))  # reverse mode is unaffected

@@ -375,9 +375,10 @@ def test_ntk_matches_torch_func_fp64(ntk_problem, name):
                                    atol=1e-10 * np.max(np.abs(reference)), err_msg=strategy)
 
 
-# Attention models are left out: torch's fused attention kernels have no forward-mode AD, which the
-# bridge's JVP needs (open: fall back to a double VJP there, as the TF bridge does).
-BRIDGE_NTK_CASES = [n for n in NTK_CASES if n not in ("transformer_layer", "mha", "bert", "gpt2")]
+# Every case runs in bridge mode too. Torch's fused attention kernels have no forward-mode AD, so on
+# the attention models the bridge's JVPs (used by NTVP) come from its double-VJP fallback.
+BRIDGE_NTK_CASES = list(NTK_CASES)
+ATTENTION_CASES = ("transformer_layer", "mha", "bert", "gpt2")
 
 
 @pytest.mark.parametrize("name", BRIDGE_NTK_CASES)
@@ -390,6 +391,8 @@ def test_bridge_mode_ntk_matches_torch_func_fp64(ntk_problem, name):
             to_jax(x1), None if x2 is None else to_jax(x2), model.params)
         np.testing.assert_allclose(np.asarray(kernel), reference, rtol=0,
                                    atol=1e-10 * np.max(np.abs(reference)), err_msg=strategy)
+    expected = "double vjp" if name in ATTENTION_CASES else "torch.func.jvp"
+    assert model.info["forward_mode"].method == expected, model.info["forward_mode"]
 
 
 def test_sd_is_available():

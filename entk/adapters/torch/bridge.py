@@ -8,12 +8,25 @@ walk the model's jaxpr, and here the model is opaque to JAX.
 
 Use this mode when `torch.export` cannot capture a model (data-dependent control flow, an op with no
 JAX translation); otherwise export mode is faster, because XLA then sees and fuses the whole model.
+
+Forward mode has a fallback. Some torch kernels have a backward formula but no forward-mode one: the
+fused attention of `nn.MultiheadAttention` / `nn.TransformerEncoderLayer` (`_native_multi_head_attention`,
+`_transformer_encoder_layer_fwd`) and the CPU flash kernel behind `scaled_dot_product_attention` (used by
+Hugging Face BERT / GPT-2), so `torch.func.jvp` raises on attention models. A VJP `u -> Jᵀ u` is
+linear in the cotangent `u`, so its own VJP, taken at any `u` (zeros), is `t -> J t`: the JVP, from
+reverse mode alone. `torch.func.jvp` stays the fast path (one forward pass with dual numbers); when a
+model is built, one JVP of its parameters at the example input probes it, and on "forward AD not
+supported" the model switches for good to the double VJP (forward pass, backward pass, and the
+backward of the backward: about three times the work), after checking it against the plain VJP. The
+double VJP runs `scaled_dot_product_attention` on its math backend, because the fused kernels'
+backward passes are not differentiable.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+import threading
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +36,7 @@ import torch
 from entk.adapters._foreign import ForeignBackend, ForeignFunction, infer_out_specs_by_running
 from entk.model import Model
 
-__all__ = ["bridge_model", "TORCH_BACKEND"]
+__all__ = ["bridge_model", "jvp_by_double_vjp", "ForwardModeChoice", "TORCH_BACKEND"]
 
 PyTree = Any
 
@@ -68,6 +81,141 @@ def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+class ForwardModeChoice:
+    """How a bridged model computes JVPs: probed once when the model is built, then kept.
+
+    Attributes:
+      method: `"torch.func.jvp"` (forward-mode AD: the default and the fast path), `"double vjp"`
+        (torch reported forward AD unsupported by an op of the model, and the double VJP passed a
+        check against the plain VJP), or `"unavailable"` (neither works: JVPs raise, so NTK-vector
+        products cannot run; Jacobian contraction still does).
+      reason: why forward mode was left, from torch's error ("" while on forward mode).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.method = "torch.func.jvp"
+        self.reason = ""
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"ForwardModeChoice({self.method!r}{', ' + repr(self.reason) if self.reason else ''})"
+
+    def _set(self, method: str, reason: str) -> None:
+        with self._lock:
+            if self.method == "torch.func.jvp" or method == "unavailable":
+                self.method, self.reason = method, reason
+
+    def probe(self, fn: Callable[..., tuple[torch.Tensor, ...]], primals: Sequence[torch.Tensor]) -> None:
+        """Tries `torch.func.jvp` on `fn` at `primals`; if torch lacks forward AD for an op, checks
+        the double VJP and switches to it.
+
+        The check matters: a backward pass that is not itself differentiable does not always raise
+        under `torch.func` — a custom `autograd.Function` whose backward is `@once_differentiable`
+        makes the double VJP silently zero. With `c` random and `t = Jᵀ c` from the plain VJP,
+        `<J t, c>` must equal `‖t‖²` (a sum of squares, so no cancellation hides an error).
+        """
+        try:
+            outs, pullback = torch.func.vjp(fn, *primals)
+        except RuntimeError:
+            return  # reverse mode fails too: the first use reports it, with its real arguments
+        generator = torch.Generator().manual_seed(0)
+        cotangents = tuple(torch.randn(o.shape, generator=generator, dtype=o.dtype) for o in outs)
+        tangents = tuple(t.detach() for t in pullback(cotangents))
+        try:
+            torch.func.jvp(fn, tuple(primals), tangents)
+            return
+        except RuntimeError as err:
+            if not _forward_ad_unsupported(err):
+                return  # not a forward-AD gap; the first JVP raises it again where it is used
+            reason = _first_line(err)
+        try:
+            jt = jvp_by_double_vjp(fn, primals, tangents)
+        except RuntimeError as err:
+            self._set("unavailable", f"{reason}; the double VJP failed: {_first_line(err)}")
+            return
+        expected = sum(float((t.double() ** 2).sum()) for t in tangents)
+        got = sum(float((a.double() * c.double()).sum()) for a, c in zip(jt, cotangents))
+        eps = max(float(torch.finfo(o.dtype).eps) for o in outs)
+        if abs(got - expected) > min(0.1, 10 * eps ** 0.5) * expected:  # expected = 0: J Jᵀc = 0
+            self._set("unavailable", f"{reason}; the double VJP disagrees with the VJP (<J Jᵀc, c> = "
+                                     f"{got:.6g}, ‖Jᵀc‖² = {expected:.6g}): the backward pass of an op "
+                                     f"is not differentiable (e.g. @once_differentiable)")
+            return
+        self._set("double vjp", reason)
+
+    def jvp(self, fn: Callable[..., tuple[torch.Tensor, ...]], primals: tuple[torch.Tensor, ...],
+            tangents: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """`J t` by the chosen method. A forward-AD gap met only now (the probe differentiates the
+        parameters at the example input; this call may differ) switches to the double VJP."""
+        if self.method == "torch.func.jvp":
+            try:
+                return torch.func.jvp(fn, primals, tangents)[1]
+            except RuntimeError as err:  # NotImplementedError is a RuntimeError
+                if not _forward_ad_unsupported(err):
+                    raise
+                self._set("double vjp", _first_line(err))
+        if self.method == "unavailable":
+            raise NotImplementedError(
+                f"{self.name}: no JVP is available. Torch has no forward-mode AD for an op of this "
+                f"module, and the fallback (a double VJP) cannot replace it: {self.reason}. "
+                f"NTK-vector products need JVPs; use implementation='jc', or mode='export'.")
+        try:
+            return jvp_by_double_vjp(fn, primals, tangents)
+        except RuntimeError as err:  # keeps its type: torch.func.vmap failures still fall back to a loop
+            err.add_note(f"{self.name}: this JVP was a double VJP, because torch has no forward-mode AD "
+                         f"for the module ({self.reason}).")
+            raise
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _forward_ad_unsupported(err: BaseException) -> bool:
+    """Whether torch raised `err` because an op (or custom autograd.Function) has no forward-mode AD.
+
+    Torch reports it as `NotImplementedError` ("Trying to use forward AD with aten::... that does not
+    support it", "the derivative for ... is not implemented", an autograd.Function without `jvp`) or
+    as a `RuntimeError` naming forward AD.
+    """
+    if isinstance(err, NotImplementedError):
+        return True
+    message = str(err).lower()
+    return isinstance(err, RuntimeError) and any(
+        marker in message for marker in ("forward ad", "forward mode ad", "forward-mode ad"))
+
+
+@contextlib.contextmanager
+def _differentiable_attention() -> Iterator[None]:
+    """`scaled_dot_product_attention` on its math backend: plain differentiable ops, whose backward
+    pass can itself be differentiated (the fused CPU flash kernel's backward cannot)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+def jvp_by_double_vjp(fn: Callable[..., tuple[torch.Tensor, ...]], primals: Sequence[torch.Tensor],
+                      tangents: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """`J t` for `fn` at `primals` using reverse mode only: the VJP in `u` of `u -> Jᵀ u`.
+
+    Args:
+      fn: `fn(*primals) -> tuple of floating-point tensors`.
+      primals: the point of linearization.
+      tangents: one tangent per primal, of its shape and dtype.
+
+    Returns:
+      One tangent per output of `fn`, of that output's shape. Works under `torch.func.vmap`.
+    """
+    with _differentiable_attention():
+        outs, pullback = torch.func.vjp(fn, *primals)
+        zeros = tuple(torch.zeros_like(o) for o in outs)
+        _, pull_pullback = torch.func.vjp(lambda *u: tuple(pullback(u)), *zeros)
+        return tuple(pull_pullback(tuple(tangents)))
 
 
 def _flatten_output(out: Any, path: str = "output") -> tuple[list[torch.Tensor], Any]:
@@ -119,9 +267,12 @@ def bridge_model(module: torch.nn.Module, example_input: Any, *, include_frozen:
 
     Returns:
       An `entk.Model` with `params` a dict `{named_parameters() name: jax.Array}`, `state`
-      `{"buffers": {...}, "frozen": {...}}`, `capabilities == {"jc", "ntvp"}` and `source == "torch"`.
+      `{"buffers": {...}, "frozen": {...}}`, `capabilities == {"jc", "ntvp"}` (`{"jc"}` when no JVP
+      is available, see below) and `source == "torch"`.
       `apply` returns an array when the module returns a tensor, else the same tuple / list / dict
-      structure of arrays.
+      structure of arrays. `info["forward_mode"]` (a `ForwardModeChoice`) says whether JVPs use
+      `torch.func.jvp` or, for models with ops lacking forward-mode AD (fused attention), the double
+      VJP; `"unavailable"` when that fails its check too.
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"bridge_model(module=...): expected a torch.nn.Module, got "
@@ -166,11 +317,13 @@ def bridge_model(module: torch.nn.Module, example_input: Any, *, include_frozen:
             return primal(*full)
         return g
 
+    name = f"torch bridge of {type(module).__name__}"
+    forward_mode = ForwardModeChoice(name)
+
     def jvp(argnums, xs, tangents):
         primals = tuple(xs[i] for i in argnums)
         tangents = tuple(t.to(p.dtype) for t, p in zip(tangents, primals))
-        _, out_tangents = torch.func.jvp(_with(xs, argnums), primals, tangents)
-        return out_tangents
+        return forward_mode.jvp(_with(xs, argnums), primals, tangents)
 
     def vjp(argnums, xs, cotangents):
         _, pullback = torch.func.vjp(_with(xs, argnums), *(xs[i] for i in argnums))
@@ -179,7 +332,7 @@ def bridge_model(module: torch.nn.Module, example_input: Any, *, include_frozen:
     foreign = ForeignFunction(
         TORCH_BACKEND, primal, jvp, vjp,
         lambda specs: infer_out_specs_by_running(TORCH_BACKEND, torch.no_grad()(primal), specs),
-        name=f"torch bridge of {type(module).__name__}")
+        name=name)
 
     with torch.no_grad():
         named = {n: _to_numpy(t) for n, t in
@@ -193,6 +346,10 @@ def bridge_model(module: torch.nn.Module, example_input: Any, *, include_frozen:
     with torch.no_grad():
         foreign.out_specs(example_specs)  # runs the module once: validates it, records the structure
     out_treedef = _treedef_of(skeleton_box[0])
+    if param_names:
+        named_tensors = dict(list(module.named_parameters()) + list(module.named_buffers()))
+        example_ops = [named_tensors[n].detach() for n in tensor_names] + list(example_args)
+        forward_mode.probe(_with(example_ops, tuple(range(n_params))), example_ops[:n_params])
 
     def apply_with_state(params: PyTree, state: PyTree, x: Any, **kwargs: Any) -> PyTree:
         if kwargs:
@@ -220,6 +377,8 @@ def bridge_model(module: torch.nn.Module, example_input: Any, *, include_frozen:
         "input_layout": "torch (NCHW for images)",
         "sd": SD_UNAVAILABLE,
         "foreign_function": foreign,
+        "forward_mode": forward_mode,
     }
+    capabilities = {"jc"} if forward_mode.method == "unavailable" else {"jc", "ntvp"}
     return Model(apply_with_state, params, state, source="torch",
-                 capabilities=frozenset({"jc", "ntvp"}), info=info)
+                 capabilities=frozenset(capabilities), info=info)

@@ -1,7 +1,8 @@
 """Export mode: a PyTorch module → `torch.export` graph of core ATen ops → a plain JAX function.
 
     module ──torch.export.export──► ExportedProgram ──run_decompositions()──► core-ATen FX graph
-           ──GraphTranslation (one registered JAX function per op, see `aten.py`)──► JAX
+           ──GraphTranslation (one registered JAX function per op, see `graph_translation.py`
+             and `aten.py`)──► JAX
 
 The graph's placeholders are mapped to the `entk.Model` pieces:
 
@@ -23,20 +24,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import inspect
 import re
-import traceback
 import warnings
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import torch
 from torch.utils import _pytree as torch_pytree
 
 from entk.adapters.torch import aten
+from entk.adapters.torch.graph_translation import (  # noqa: F401 - the errors are re-exported here
+    BRIDGE_HINT, GraphTranslation, TranslationError, UnsupportedOpsError, numpy_dtype, tensor_to_jax)
 
 PyTree = Any
 
@@ -48,77 +48,8 @@ class ExportError(RuntimeError):
     """`torch.export` could not capture the module (data-dependent control flow, untraceable code)."""
 
 
-class UnsupportedOpsError(NotImplementedError):
-    """The exported graph contains ATen ops with no JAX translation (all of them are listed)."""
-
-    def __init__(self, message: str, ops: Sequence[str]):
-        super().__init__(message)
-        self.ops = tuple(ops)
-
-
-class TranslationError(RuntimeError):
-    """An op's translation failed on the arguments the graph gave it."""
-
-
 class InputDtypeError(ExportError, TypeError):
     """The example input has the wrong dtype family (integers where the model needs floats)."""
-
-
-_BRIDGE_HINT = ("use entk.from_torch(..., mode='bridge') (the model stays in PyTorch and is called "
-                "through torch.func: Jacobian contraction and NTK-vector products work, structured "
-                "derivatives do not)")
-
-
-def node_location(node: torch.fx.Node) -> str:
-    """Where a graph node came from: the innermost module path and type, and the source line."""
-    parts = []
-    stack = node.meta.get("nn_module_stack") or {}
-    if stack:
-        path, kind = list(stack.values())[-1]
-        path = re.sub(r"^L\['self'\]\.?", "", str(path)) or "<root>"
-        kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
-        parts.append(f"module '{path}' ({kind.rsplit('.', 1)[-1]})")
-    trace = node.meta.get("stack_trace") or ""
-    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', trace)
-    if frames:
-        user = [f for f in frames if "/torch/" not in f[0]] or frames
-        file, line, fn = user[-1]
-        parts.append(f"{file.rsplit('/', 1)[-1]}:{line} in {fn}")
-    return ", ".join(parts) or "unknown location"
-
-
-# ---------------------------------------------------------------- dtype conversion
-
-
-@functools.lru_cache(maxsize=None)
-def numpy_dtype(dtype: torch.dtype) -> np.dtype:
-    """The NumPy / JAX dtype of a torch dtype."""
-    mapping = {torch.bfloat16: jnp.bfloat16, torch.bool: np.bool_}
-    if dtype in mapping:
-        return np.dtype(mapping[dtype])
-    return np.dtype(torch.empty((), dtype=dtype).numpy().dtype)
-
-
-def tensor_to_jax(t: torch.Tensor, *, copy: bool) -> jax.Array:
-    """A torch tensor as a JAX array.
-
-    `copy=False` shares memory through DLPack where possible (JAX then sees later in-place changes
-    of the tensor; fine for inputs). `copy=True` never aliases (used for parameters and buffers,
-    which the user may keep training in place). 64-bit tensors go through NumPy when JAX's x64
-    mode is off, so they are canonicalized to 32 bits as JAX does everywhere else.
-    """
-    t = t.detach().resolve_conj().resolve_neg()
-    wide = t.dtype in (torch.float64, torch.int64, torch.complex128)
-    if not (wide and not jax.config.jax_enable_x64):
-        try:
-            out = jax.dlpack.from_dlpack(t.contiguous())
-            return jnp.array(out, copy=True) if copy else out
-        except Exception:  # noqa: BLE001 - a device or dtype JAX cannot import: go through host
-            pass
-    if t.dtype == torch.bfloat16:
-        return jnp.asarray(t.float().cpu().numpy(), dtype=jnp.bfloat16)
-    array = t.cpu().numpy()
-    return jnp.array(array, copy=True) if copy else jnp.asarray(array)
 
 
 # ---------------------------------------------------------------- exporting
@@ -182,9 +113,9 @@ def _describe_export_failure(module: torch.nn.Module, args: tuple, kwargs: dict,
     if data_dependent:
         msg = (f"torch.export could not capture {name}: its control flow depends on tensor values "
                f"(data-dependent control flow such as `if x.sum() > 0` or `.item()`), which a graph "
-               f"of ATen ops cannot express. {first}\nTo use this model, {_BRIDGE_HINT}.")
+               f"of ATen ops cannot express. {first}\nTo use this model, {BRIDGE_HINT}.")
     else:
-        msg = f"torch.export could not capture {name}: {first}\nTo use this model, {_BRIDGE_HINT}."
+        msg = f"torch.export could not capture {name}: {first}\nTo use this model, {BRIDGE_HINT}."
     if re.search(r"Cache|past_key_values", text):
         msg += ("\nNote: the model returns a key/value cache object; for a Hugging Face model build "
                 "it with config.use_cache=False (or pass use_cache=False) so it returns tensors only.")
@@ -289,146 +220,8 @@ def map_placeholders(program: torch.export.ExportedProgram, module: torch.nn.Mod
             n_inputs += 1
         else:
             raise ExportError(f"torch.export produced a {spec.kind.name} input ({placeholder}), "
-                              f"which export mode cannot feed; {_BRIDGE_HINT}.")
+                              f"which export mode cannot feed; {BRIDGE_HINT}.")
     return slots
-
-
-# ---------------------------------------------------------------- the graph interpreter
-
-
-class GraphTranslation:
-    """Runs an exported core-ATen graph with JAX: one registered translation per node.
-
-    `__call__(slots_values)` takes `{placeholder name: value}` and returns the flat list of user
-    outputs. Python-level work (dispatch, shape arithmetic) happens once per JAX trace; the traced
-    computation contains only the JAX primitives the translations emit.
-    """
-
-    def __init__(self, program: torch.export.ExportedProgram):
-        self.program = program
-        graph = program.graph_module.graph
-        self.nodes = list(graph.nodes)
-        self.fns: dict[str, Callable[..., Any]] = {}
-        self.missing: list[tuple[str, str]] = []
-        for node in self.nodes:
-            if node.op == "call_function":
-                fn = aten.lookup(node.target)
-                if fn is None:
-                    self.missing.append((aten.op_name(node.target), node_location(node)))
-                else:
-                    self.fns[node.name] = fn
-            elif node.op in ("call_module", "call_method"):
-                self.missing.append((f"{node.op} {node.target}", node_location(node)))
-        # Free every intermediate right after its last use (matters when running eagerly).
-        last_use: dict[str, int] = {}
-        for i, node in enumerate(self.nodes):
-            for used in node.all_input_nodes:
-                last_use[used.name] = i
-        self.release: list[list[str]] = [[] for _ in self.nodes]
-        for name, i in last_use.items():
-            self.release[i].append(name)
-        # User outputs, in the order of the program's output TreeSpec: a node, or a constant.
-        self.outputs: list[tuple[str, Any]] = []
-        for spec in program.graph_signature.output_specs:
-            if spec.kind.name != "USER_OUTPUT":
-                continue  # buffer mutations (train-mode running statistics) are not outputs
-            if type(spec.arg).__name__ == "ConstantArgument":
-                self.outputs.append(("constant", spec.arg.value))
-            else:
-                self.outputs.append(("node", spec.arg.name))
-
-    def check_supported(self, module_name: str) -> None:
-        """Raises `UnsupportedOpsError` listing every op without a translation, with locations."""
-        if not self.missing:
-            return
-        by_op: dict[str, list[str]] = {}
-        for op, where in self.missing:
-            by_op.setdefault(op, []).append(where)
-        lines = []
-        for op, wheres in by_op.items():
-            more = f" (and {len(wheres) - 1} more)" if len(wheres) > 1 else ""
-            lines.append(f"  {op}: in {wheres[0]}{more}")
-        raise UnsupportedOpsError(
-            f"Export mode cannot translate {module_name}: {len(by_op)} ATen op(s) have no JAX "
-            f"translation:\n" + "\n".join(lines) + f"\nTo use this model, {_BRIDGE_HINT}; or "
-            f"register a translation with entk.adapters.torch.aten.register.", list(by_op))
-
-    def __call__(self, inputs: dict[str, Any]) -> list[Any]:
-        env: dict[str, Any] = {}
-        for i, node in enumerate(self.nodes):
-            if node.op == "placeholder":
-                env[node.name] = inputs[node.name]
-            elif node.op == "call_function":
-                env[node.name] = self._run(node, env)
-            elif node.op == "get_attr":
-                env[node.name] = _constant(getattr(self.program.graph_module, node.target))
-            elif node.op == "output":
-                return [env[v] if kind == "node" else v for kind, v in self.outputs]
-            for name in self.release[i]:
-                env.pop(name, None)
-        raise TranslationError("the exported graph has no output node")
-
-    def _run(self, node: torch.fx.Node, env: dict[str, Any]) -> Any:
-        name = aten.op_name(node.target)
-        try:
-            args = _materialize(node.args, env, node)
-            kwargs = _materialize(node.kwargs, env, node)
-            out = self.fns[node.name](*args, **kwargs)
-            return _match_meta(out, node.meta.get("val"))
-        except (TranslationError, aten.ShapeAssertionError):
-            raise
-        except Exception as e:  # noqa: BLE001 - add the op and its place in the model
-            detail = "".join(traceback.format_exception_only(type(e), e)).strip()
-            raise TranslationError(f"Translating {name} (in {node_location(node)}) failed: "
-                                   f"{detail}\nIf this op is used in a way export mode does not "
-                                   f"support, {_BRIDGE_HINT}.") from e
-
-
-def _constant(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return tensor_to_jax(value, copy=True)
-    return value
-
-
-def _materialize(value: Any, env: dict[str, Any], node: torch.fx.Node) -> Any:
-    if isinstance(value, torch.fx.Node):
-        out = env[value.name]
-        if isinstance(out, aten.Unavailable):
-            raise TranslationError(
-                f"{aten.op_name(node.target)} (in {node_location(node)}) uses {out.what}, which "
-                f"export mode does not compute; {_BRIDGE_HINT}.")
-        return out
-    if isinstance(value, (list, tuple)):
-        return type(value)(_materialize(v, env, node) for v in value)
-    if isinstance(value, dict):
-        return {k: _materialize(v, env, node) for k, v in value.items()}
-    if isinstance(value, torch.dtype):  # as JAX would hold it (64-bit types need x64 mode)
-        return np.dtype(jax.dtypes.canonicalize_dtype(numpy_dtype(value)))
-    if isinstance(value, torch.Tensor):
-        return tensor_to_jax(value, copy=True)
-    return value
-
-
-def _match_meta(out: Any, val: Any) -> Any:
-    """Casts a translated result to the dtype PyTorch recorded and checks its static shape."""
-    if isinstance(val, torch.Tensor):
-        if isinstance(out, (bool, int, float, np.number, np.bool_)):
-            out = jnp.asarray(out)
-        if not hasattr(out, "dtype"):
-            return out
-        want = jax.dtypes.canonicalize_dtype(numpy_dtype(val.dtype))
-        if out.dtype != want:
-            out = out.astype(want)
-        shape = tuple(val.shape)
-        if len(shape) != out.ndim or any(isinstance(s, int) and s != o
-                                         for s, o in zip(shape, out.shape)):
-            raise TranslationError(f"translation produced shape {tuple(out.shape)}, but PyTorch "
-                                   f"recorded {tuple(str(s) for s in shape)} (a translation bug; "
-                                   f"please report it)")
-        return out
-    if isinstance(val, (list, tuple)) and isinstance(out, (list, tuple)) and len(val) == len(out):
-        return type(out)(_match_meta(o, v) for o, v in zip(out, val))
-    return out
 
 
 # ---------------------------------------------------------------- input and output structure
