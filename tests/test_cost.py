@@ -116,6 +116,38 @@ def test_decision_is_cached(monkeypatch):
     assert not calls
 
 
+def test_near_tie_is_broken_by_timing_both_candidates(monkeypatch):
+    """Predictions within MEASURE_WITHIN of each other: auto times both and takes the measured faster;
+    far apart: nothing is timed and the prediction decides. Under jit (tracers) stand-ins are timed."""
+    f, params, x1, x2 = jax_models.make("mlp")
+    predicted = {"jc": 1e-3, "ntvp": 1.2e-3}
+    real_estimate = cost.estimate
+
+    def estimate(*args, **kwargs):
+        est = real_estimate(*args, **kwargs)
+        est.predicted_s = predicted[est.strategy.short_name]
+        return est
+
+    monkeypatch.setattr(cost, "estimate", estimate)
+    estimates: list = []
+    chosen = cost.select(f, x1, x2, params, {}, NTK_KW, capabilities=CAPS, memory_budget=1 << 30,
+                         estimates_out=estimates)
+    timed = {est.strategy.short_name: est.measured_s for est in estimates}
+    assert set(timed) == CAPS and all(t is not None and t > 0 for t in timed.values())
+    assert chosen.short_name == min(timed, key=timed.get)
+
+    kernel = jax.jit(entk.empirical_ntk_fn(f, trace_axes=(), memory_budget=(1 << 30) + 1))(
+        x1, x2, params)
+    assert_close(kernel, brute_force_ntk(f, x1, x2, params, trace_axes=()))
+
+    predicted["ntvp"] = 10 * cost.MEASURE_WITHIN * predicted["jc"]
+    estimates = []
+    chosen = cost.select(f, x1, x2, params, {}, NTK_KW, capabilities=CAPS, memory_budget=1 << 30,
+                         estimates_out=estimates)
+    assert chosen.short_name == "jc"
+    assert all(est.measured_s is None for est in estimates)
+
+
 def test_calibration_is_cached_on_disk(monkeypatch):
     cal = cost.calibration()
     assert cal.flop_rate(4) > 0 and cal.bytes_per_s > 0 and cal.op_overhead_s >= 0
