@@ -2,6 +2,7 @@
 
     python examples/torch_resnet_ntk.py            # 4 inputs of 3×32×32, 10 logits
     python examples/torch_resnet_ntk.py --n 8 --repeats 3
+    entk compare examples/torch_resnet_ntk.py:resnet18 --input-shape 3,32,32 --batch 4 --vmap
 
 What it shows:
 1. `entk.ntk(module, x1, x2)`: torch tensors in, a torch tensor out (the model is exported to JAX
@@ -26,6 +27,13 @@ import torchvision
 
 import entk
 from entk.adapters.torch import to_jax
+
+
+def resnet18(outputs: int = 10) -> torch.nn.Module:
+    """A randomly initialised torchvision ResNet-18 with `outputs` logits, in eval mode: the SPEC
+    `examples/torch_resnet_ntk.py:resnet18` for `entk compare` / `entk ntk`."""
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=outputs).eval()
 
 
 def _timed(fn, repeats: int) -> tuple[float, float]:
@@ -66,8 +74,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per strategy")
     args = parser.parse_args()
 
-    torch.manual_seed(0)
-    module = torchvision.models.resnet18(num_classes=10).eval()
+    module = resnet18(outputs=10)
     x1 = torch.randn(args.n, 3, 32, 32)
     x2 = torch.randn(args.n, 3, 32, 32)
 
