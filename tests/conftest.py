@@ -1,8 +1,12 @@
 """Test configuration: float64 everywhere (references are compared to ~1e-10), CPU only."""
 
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The cost model's device calibration, measured while tests load the machine, must not land in the
+# user's cache (~/.cache/entk), where `"auto"` would go on trusting it.
+os.environ.setdefault("ENTK_CACHE_DIR", tempfile.mkdtemp(prefix="entk-test-cache-"))
 
 try:  # Triton (torch.func pulls it in) must load before TensorFlow: both register LLVM options and
     import triton  # noqa: F401,E402  the other order aborts the process.
