@@ -47,10 +47,11 @@ FUSED_BYTES_FRACTION = 1.0
 # When the two fastest strategies that fit are predicted within this factor of each other, the model
 # cannot tell them apart reliably (its errors reach 2-3x: XLA's unoptimised FLOP counts include work the
 # optimiser removes, and convolutions and small dots run below the matmul rate), so `"auto"` compiles
-# both and times a call of each -- only when that is cheap: the faster is predicted under
-# MEASURE_UNDER_S. That costs a second compilation; the zoo's close calls are mostly convolutions.
+# both and times a call of each -- only when that is affordable: the faster is predicted under
+# MEASURE_UNDER_S. That costs a second compilation and two to four calls; a wrong pick costs up to 2.4x
+# on every call (a WideResNet block at N=32 in `benchmarks/run.py --suite full`).
 MEASURE_WITHIN = 1.5
-MEASURE_UNDER_S = 0.25
+MEASURE_UNDER_S = 1.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,14 +400,15 @@ def _timing_arguments(*trees: PyTree) -> tuple:
 
 
 def _time_call(est: Estimate, args: tuple, give_up_after: float) -> float:
-    """Compiles `est`'s program if needed; the faster of two calls (the first one warms up). When the
-    first call already takes over twice `give_up_after`, that call is the answer: it has lost."""
+    """Compiles `est`'s program if needed and times it: the faster of two calls (the first warms up)
+    for a short program, one call for a long one. When the first call already takes over twice
+    `give_up_after`, that call is the answer: it has lost."""
     if not callable(est.compiled):  # not compiled yet (or holds the error of a failed trace)
         start = time.perf_counter()
         est.compiled = est.lowered.compile()
         est.compile_s = time.perf_counter() - start
     times = []
-    for _ in range(2):
+    for _ in range(2 if est.predicted_s < 0.05 else 1):  # a long call needs no warm-up call
         start = time.perf_counter()
         jax.block_until_ready(est.compiled(*args))
         times.append(time.perf_counter() - start)
