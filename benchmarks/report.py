@@ -1,10 +1,15 @@
-"""Tables and the plot of a `benchmarks/run.py` report (the dict it also saves as JSON)."""
+"""Tables and the plot of a `benchmarks/run.py` report (the dict it also saves as JSON).
+
+    python -m benchmarks.report benchmarks/results/full.json    # rewrites full.md and full.png
+"""
 
 from __future__ import annotations
 
+import json
 import math
 import pathlib
 import statistics
+import sys
 from typing import Any
 
 STRATEGIES = ("jc", "ntvp", "sd", "auto")
@@ -45,11 +50,12 @@ def _summary_lines(report: dict) -> list[str]:
         return []
     lines = ["## entk vs neural-tangents 0.6.5, summary", "",
              "Time ratio entk / neural-tangents per case (below 1: entk faster). Target: ≤ 1.0.", "",
-             "| strategy | cases | entk no slower | geometric mean | best | worst |",
-             "|---|---|---|---|---|---|"]
+             "| strategy | cases | entk no slower | geometric mean | best | worst | target met |",
+             "|---|---|---|---|---|---|---|"]
     for strategy, s in summary.items():
+        met = "yes" if s["no_slower"] == s["cases"] else f"**no** ({s['cases'] - s['no_slower']} above 1.0)"
         lines.append(f"| {strategy} | {s['cases']} | {s['no_slower']}/{s['cases']} | "
-                     f"{s['geomean']:.2f} | {s['best']:.2f} | {s['worst']:.2f} |")
+                     f"{s['geomean']:.2f} | {s['best']:.2f} | {s['worst']:.2f} | {met} |")
     return lines + [""]
 
 
@@ -75,6 +81,8 @@ def _jax_lines(report: dict) -> list[str]:
             errors = "; ".join(f"{k} failed: {v['error'][:120]}" for k, v in (("entk", e), ("nt", n))
                                if "error" in v)
             ratio = f"{row['entk_over_nt']:.2f}" if "entk_over_nt" in row else (errors or "—")
+            if row.get("entk_over_nt", 0) > 1.0:
+                ratio = f"**{ratio}**"
             if strategy == "auto":
                 head = (f"| {case['case']} | {case['n_params']:,} | auto (entk: "
                         f"{e.get('picked', '?')}, nt: {n.get('picked', '?')}) |")
@@ -178,3 +186,16 @@ def plot(report: dict, path: pathlib.Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    for name in (sys.argv[1:] if argv is None else argv):
+        path = pathlib.Path(name)
+        report = json.loads(path.read_text())
+        path.with_suffix(".md").write_text(markdown(report))
+        plot(report, path.with_suffix(".png"))
+        print(f"wrote {path.with_suffix('.md')} and {path.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
