@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 from typing import Sequence
 
 _SUBCOMMANDS = ("entk.cli_compare", "entk.cli_ntk", "entk.cli_spectrum")
+
+
+# What a SPEC argument may name (see entk/spec.py), for the subcommands' descriptions.
+SPEC_FORMS = ("SPEC is package.module:callable or file.py:callable returning an entk.Model, (f, params), "
+              "a stax (init_fn, apply_fn, kernel_fn), (flax_module, variables), a torch.nn.Module or a "
+              "Keras model.")
 
 
 def add_kernel_options(parser: argparse.ArgumentParser) -> None:

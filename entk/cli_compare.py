@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from entk.cli import add_kernel_options
+from entk.cli import SPEC_FORMS, add_kernel_options
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -22,10 +22,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "compare", help="compare eNTK strategies (FLOPs, memory, time) on a model",
         description="Compile (and run) every available eNTK strategy on random inputs for the model "
-                    "SPEC names, print a table, and say which one `auto` picks. SPEC is "
-                    "package.module:callable or file.py:callable returning an entk.Model, (f, params), "
-                    "a stax (init_fn, apply_fn, kernel_fn), (flax_module, variables), a torch.nn.Module "
-                    "or a Keras model.")
+                    "SPEC names, print a table, and say which one `auto` picks. " + SPEC_FORMS)
     p.add_argument("spec", metavar="SPEC")
     p.add_argument("--input-shape", type=_shape, required=True,
                    help="shape of one example, e.g. 3,32,32 (torch layout for torch models)")

@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Sequence
 
-from entk.cli import add_kernel_options
+from entk.cli import SPEC_FORMS, add_kernel_options
 
 
 def _tile(text: str):
@@ -39,10 +39,7 @@ def add_parser(subparsers) -> None:
         "ntk", help="compute a model's empirical NTK into a resumable on-disk store",
         description="Compute the empirical NTK of the model SPEC names on the examples of --input "
                     "(and --input2) tile by tile into a zarr store, with progress. Rerunning the "
-                    "command resumes: finished tiles are skipped. SPEC is package.module:callable "
-                    "or file.py:callable returning an entk.Model, (f, params), a stax (init_fn, "
-                    "apply_fn, kernel_fn), (flax_module, variables), a torch.nn.Module or a Keras "
-                    "model.")
+                    "command resumes: finished tiles are skipped. " + SPEC_FORMS)
     p.add_argument("spec", metavar="SPEC")
     p.add_argument("--input", required=True, metavar="FILE.npy",
                    help="x1: examples on axis 0 (torch layout for torch models)")

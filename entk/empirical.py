@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from entk._get import canonical_get
 from entk import algorithms
 from entk.algorithms import Strategy
 from entk.algorithms._apply import output_shapes
@@ -120,7 +121,7 @@ def empirical_kernel_fn(f: Callable[..., PyTree] | Model, trace_axes: int | Sequ
                   params: PyTree = None, **apply_fn_kwargs: Any) -> Any:
         if params is None:
             raise TypeError("kernel_fn needs params=...: the parameters to differentiate.")
-        names, single = _canonical_get(get)
+        names, single = canonical_get(get, ("nngp", "ntk"), default=("nngp", "ntk"), noun="kernel")
         values = [fns[name](x1, x2, params, **apply_fn_kwargs) for name in names]
         if single:
             return values[0]
@@ -365,19 +366,3 @@ def _check_batch_independent(f, x, params, kwargs, vmap: VmapAxes) -> None:
 
 def _describe(vmap: VmapAxes) -> str:
     return f"({vmap.in_axes!r}, {vmap.out_axes!r}, {vmap.kwargs_axes!r})"
-
-
-def _canonical_get(get: str | Sequence[str] | None) -> tuple[tuple[str, ...], bool]:
-    if get is None:
-        return ("nngp", "ntk"), False
-    single = isinstance(get, str)
-    names = (get,) if single else tuple(get)
-    if not names:
-        raise ValueError('get must be "nngp", "ntk", a tuple of them, or None.')
-    for name in names:
-        if name not in ("nngp", "ntk"):
-            raise ValueError(f'get={get!r}: unknown kernel {name!r}; an empirical kernel_fn '
-                             f'computes "nngp" and "ntk".')
-    if len(set(names)) != len(names):
-        raise ValueError(f"get={get!r} names a kernel twice.")
-    return names, single

@@ -339,34 +339,33 @@ def select(f: Callable, x1: PyTree, x2: PyTree | None, params: PyTree, kwargs: d
             estimates.append(Estimate(strategy, math.inf, math.inf, math.inf, math.inf))
             estimates[-1].compiled = error
     by_prediction = sorted(estimates, key=lambda e: e.predicted_s)
-    fitting = _fitting(by_prediction, budget)
+    choice = _first_fitting(by_prediction, budget)
     if estimates_out is not None:
         estimates_out.extend(estimates)
-    if not fitting:
+    if choice is None:
         smallest = min(estimates, key=lambda e: e.peak_bytes)
         raise OutOfBudgetError(
             f"No strategy fits memory_budget={budget / 2**20:.1f} MiB (smallest need: "
             f"{smallest.strategy.short_name} ≈ {smallest.peak_bytes / 2**20:.1f} MiB). Compute the "
             f"kernel in tiles with entk.batch / entk.compute_kernel, or raise memory_budget.")
-    choice = fitting[0]
     if choice.predicted_s <= MEASURE_UNDER_S:
         close = [est for est in by_prediction[by_prediction.index(choice) + 1:]
                  if est.predicted_s <= MEASURE_WITHIN * choice.predicted_s]
-        rival = _fitting(close, budget)
-        if rival:
+        rival = _first_fitting(close, budget)
+        if rival is not None:
             args = _timing_arguments(x1, x2, params, _split_static(kwargs)[0])
             try:
                 best_s = _time_call(choice, args, give_up_after=math.inf)
-                if _time_call(rival[0], args, give_up_after=best_s) < best_s:
-                    choice = rival[0]
+                if _time_call(rival, args, give_up_after=best_s) < best_s:
+                    choice = rival
             except Exception:  # noqa: BLE001 - e.g. `f` closes over tracers of an enclosing jit,
                 pass           # which the lowered program takes as extra inputs: keep the prediction
     _DECISIONS[key] = choice.strategy
     return choice.strategy
 
 
-def _fitting(by_prediction: list[Estimate], budget: int) -> list[Estimate]:
-    """`[the first estimate in the list whose peak memory fits budget]`, or `[]`. A strategy whose
+def _first_fitting(by_prediction: list[Estimate], budget: int) -> Estimate | None:
+    """The first estimate in the list whose peak memory fits `budget`, or None. A strategy whose
     bytes-accessed bound exceeds the budget is compiled to learn its real peak."""
     for est in by_prediction:
         if not math.isfinite(est.predicted_s):
@@ -379,8 +378,8 @@ def _fitting(by_prediction: list[Estimate], budget: int) -> list[Estimate]:
             if peak is not None:
                 est.peak_bytes, est.peak_is_exact = peak, True
         if est.peak_bytes <= budget:
-            return [est]
-    return []
+            return est
+    return None
 
 
 def _timing_arguments(*trees: PyTree) -> tuple:

@@ -217,21 +217,6 @@ def in_eigenbasis(evecs: Array, fn_of_evals: Array, b: Array) -> Array:
     return jnp.einsum("ji,...i,ic->...jc", evecs, fn_of_evals, evecs.T @ b)
 
 
-def canonical_get(get: Any, allowed: tuple[str, ...]) -> tuple[tuple[str, ...], bool]:
-    """`(names, single)`: `None` means `("nngp", "ntk")`; a string gives one value back."""
-    if get is None:
-        return ("nngp", "ntk"), False
-    single = isinstance(get, str)
-    names = (get,) if single else tuple(get)
-    if not names:
-        raise ValueError(f"get=() asks for nothing; use {', '.join(map(repr, allowed))}.")
-    for n in names:
-        if n not in allowed:
-            raise ValueError(f"get={get!r}: unknown {n!r}; use {', '.join(map(repr, allowed))} or a "
-                             f"tuple of them.")
-    return names, single
-
-
 @functools.lru_cache(maxsize=None)
 def _gaussians_type(names: tuple[str, ...]) -> type:
     return NamedTuple("Gaussians", [(n, Any) for n in names])

@@ -8,6 +8,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from entk._get import canonical_get
 from entk.predict import _common as c
 
 Array = jax.Array
@@ -64,7 +65,7 @@ def gp_inference(k_train_train: Any, y_train: Any, diag_reg: float = 0.0,
         return k, c.cholesky(k, diag_reg, diag_reg_absolute_scale, f"k_train_train ({name})")
 
     def predict_fn(get: Any = None, k_test_train: Any = None, k_test_test: Any = None) -> Any:
-        names, single = c.canonical_get(get, ("nngp", "ntk", "ntkgp"))
+        names, single = canonical_get(get, ("nngp", "ntk", "ntkgp"), default=("nngp", "ntk"))
         out = {}
         for g in names:
             kname = "ntk" if g == "ntkgp" else g

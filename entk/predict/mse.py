@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from entk._get import canonical_get
 from entk.predict import _common as c
 from entk.predict.gp import gp_inference
 
@@ -209,7 +210,7 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable[..., Any], x_train: Any, y
 
     def predict_fn(t: Any = None, x_test: Any = None, get: Any = None, compute_cov: bool = False,
                    **kernel_fn_test_test_kwargs: Any) -> Any:
-        names, single = c.canonical_get(get, ("nngp", "ntk"))
+        names, single = canonical_get(get, ("nngp", "ntk"), default=("nngp", "ntk"))
         needed = tuple(n for n in ("nngp", "ntk") if n in names or (n == "nngp" and compute_cov))
         k_dd = train_kernels(needed)
         k_td = k_ss = None

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from entk._get import canonical_get
+
 Array = jax.Array
 
 # Every field of `Kernel`, in order: the valid names for `get`.
@@ -150,22 +152,6 @@ def kernel_from_inputs(x1: Any, x2: Any = None, compute_ntk: bool = True) -> Ker
 # `get`
 
 
-def canonical_get(get: str | Sequence[str] | None) -> tuple[tuple[str, ...] | None, bool]:
-    """Validates `get`; returns `(names or None, single)` where `single` means a bare string."""
-    if get is None:
-        return None, False
-    single = isinstance(get, str)
-    names = (get,) if single else tuple(get)
-    if not names:
-        raise ValueError(f"get=() asks for nothing; use one of {KERNEL_FIELDS}, a tuple of them, "
-                         f"or None for the whole Kernel.")
-    for name in names:
-        if name not in KERNEL_FIELDS:
-            raise ValueError(f"get={get!r}: unknown kernel entry {name!r}; valid names are "
-                             f"{', '.join(repr(f) for f in KERNEL_FIELDS)}.")
-    return names, single
-
-
 @functools.lru_cache(maxsize=None)
 def _namedtuple(names: tuple[str, ...]) -> type:
     return collections.namedtuple("Kernel", names)
@@ -210,7 +196,7 @@ class AnalyticKernelFn:
 
     def __call__(self, x1: Any, x2: Any = None, get: str | Sequence[str] | None = None,
                  **kwargs: Any) -> Any:
-        names, single = canonical_get(get)
+        names, single = canonical_get(get, KERNEL_FIELDS, default=None, noun="kernel entry")
         x2 = _drop_if_same(x1, x2)
         args = (x1, x2, kwargs, needs_ntk(names))
         # One compiled program per network and input shapes: much faster than op-by-op dispatch.

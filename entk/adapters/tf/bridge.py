@@ -270,18 +270,19 @@ class _HostEntry:
         return self._run(("primal",), self.callables.primal, ops)
 
     def jvp(self, argnums: tuple, xs: tuple, ts: tuple) -> Sequence[tf.Tensor]:
-        if not tf.executing_eagerly():
-            return self.callables.jvp(argnums, xs, ts)
-        n = len(xs)
-        return self._run(("jvp", argnums, n),
-                         lambda *ops: self.callables.jvp(argnums, ops[:n], ops[n:]), (*xs, *ts))
+        return self._linear("jvp", self.callables.jvp, argnums, xs, ts)
 
     def vjp(self, argnums: tuple, xs: tuple, cts: tuple) -> Sequence[tf.Tensor]:
+        return self._linear("vjp", self.callables.vjp, argnums, xs, cts)
+
+    def _linear(self, kind: str, fn: Any, argnums: tuple, xs: tuple,
+                vectors: tuple) -> Sequence[tf.Tensor]:
+        """`fn(argnums, xs, vectors)`, a JVP or VJP; run eagerly, through `_run` like the primal."""
         if not tf.executing_eagerly():
-            return self.callables.vjp(argnums, xs, cts)
+            return fn(argnums, xs, vectors)
         n = len(xs)
-        return self._run(("vjp", argnums, n),
-                         lambda *ops: self.callables.vjp(argnums, ops[:n], ops[n:]), (*xs, *cts))
+        return self._run((kind, argnums, n), lambda *ops: fn(argnums, ops[:n], ops[n:]),
+                         (*xs, *vectors))
 
 
 def _function_variables(fn: Any, example_args: tuple) -> tuple[list, list, list[str], list[str]]:
