@@ -1,4 +1,5 @@
-"""Network structure: `serial`, `parallel`, `FanOut`, `FanInSum`, `FanInConcat`.
+"""Network structure: `serial`, `repeat`, `parallel`, `FanOut`, `FanInSum`, `FanInProd`,
+`FanInConcat`.
 
 Branches are lists: `FanOut(n)` turns one input (array, shape or `Kernel`) into a list of `n`,
 `parallel` applies one layer per list entry, and `FanInSum` / `FanInConcat` merge a list back into one.
@@ -11,11 +12,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import functools
+
 import jax
 import jax.numpy as jnp
-from jax import random
+from jax import lax, random
 
+from entk.stax import masking
 from entk.stax.kernel import Kernel, Layer, layer, transform_of
+
+_make_layer = layer  # `repeat` takes an argument named `layer`, as in neural-tangents
 
 Array = jax.Array
 
@@ -56,7 +62,55 @@ def serial(*layers: Layer) -> Layer:
         return k
 
     names = ", ".join(lyr[2].name for lyr in layers)
-    return layer(f"serial({names})", init_fn, apply_fn, transform)
+    return layer(f"serial({names})", init_fn, apply_fn, transform, mask_fn=masking.PASS_THROUGH)
+
+
+def repeat(layer: Layer, n: int) -> Layer:
+    """`layer` applied `n` times in a compiled loop (`lax.scan`): `serial(*[layer] * n)` with
+    independent parameters per repetition, but one trace of `layer` however large `n` is.
+
+    `layer` must keep the activation shape (its params are stacked along a new leading axis of
+    size `n`), and its kernel map must keep the `Kernel`'s static fields (shapes, `is_gaussian`)
+    after its first application, which runs outside the loop.
+    """
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"repeat: n={n}; use a non-negative number of repetitions.")
+    init_one, apply_one = layer[0], layer[1]
+    step = transform_of(layer, "repeat: layer")
+    name = f"repeat({layer[2].name}, {n})"
+
+    def init_fn(rng, input_shape):
+        out_shape, _ = init_one(rng, input_shape)
+        if tuple(out_shape) != tuple(input_shape):
+            raise ValueError(f"{name}: the layer maps shape {tuple(input_shape)} to "
+                             f"{tuple(out_shape)}; repeat needs a shape-preserving layer, use "
+                             f"serial(*[layer] * n) instead.")
+        keys = random.split(rng, n)
+        params = jax.vmap(lambda key: init_one(key, input_shape)[1])(keys)
+        return input_shape, params
+
+    def apply_fn(params, x, mask_constant=None, **kwargs):
+        if mask_constant is not None and not isinstance(x, masking.MaskedArray):
+            # Same carry structure (a MaskedArray) on every step of the loop.
+            x = masking.MaskedArray(*masking.split(x, mask_constant))
+
+        def body(h, p):
+            return apply_one(p, h, **kwargs), None
+
+        return lax.scan(body, x, params, length=n)[0]
+
+    def transform(k, **kwargs):
+        if n == 0:
+            return k
+        k = step(k, **kwargs)
+
+        def body(kernel, _):
+            return step(kernel, **kwargs), None
+
+        return lax.scan(body, k, None, length=n - 1)[0]
+
+    return _make_layer(name, init_fn, apply_fn, transform, mask_fn=masking.PASS_THROUGH)
 
 
 def _expect_branches(value: Any, n: int, name: str, what: str) -> list:
@@ -92,7 +146,7 @@ def parallel(*layers: Layer) -> Layer:
         ks = _expect_branches(k, n, name, "kernels")
         return [t(ki, **kwargs) for t, ki in zip(transforms, ks)]
 
-    return layer(name, init_fn, apply_fn, transform)
+    return layer(name, init_fn, apply_fn, transform, mask_fn=masking.PASS_THROUGH)
 
 
 def FanOut(num: int) -> Layer:
@@ -112,7 +166,7 @@ def FanOut(num: int) -> Layer:
             raise ValueError(f"{name} takes one input but got a list of {len(k)}.")
         return [k] * num
 
-    return layer(name, init_fn, apply_fn, transform)
+    return layer(name, init_fn, apply_fn, transform, mask_fn=masking.PASS_THROUGH)
 
 
 def _check_same_shapes(shapes: list, name: str, skip_axis: int | None = None) -> None:
@@ -162,7 +216,45 @@ def FanInSum() -> Layer:
                              is_gaussian=all(k.is_gaussian for k in ks),
                              is_input=all(k.is_input for k in ks))
 
-    return layer(name, init_fn, apply_fn, transform)
+    return layer(name, init_fn, apply_fn, transform, mask_fn=masking.and_masks)
+
+
+def FanInProd() -> Layer:
+    """Multiplies a list of branches elementwise.
+
+    For independent centred branches the expectation of a product factorises, so
+    `nngp = Π_i nngp_i` and, by the product rule, `ntk = Σ_i ntk_i · Π_{j≠i} nngp_j` (same for
+    `cov1`/`cov2` as for `nngp`). A product of several branches is not Gaussian.
+    """
+    name = "FanInProd"
+
+    def init_fn(rng, input_shape):
+        del rng
+        _check_same_shapes(list(input_shape), name)
+        return input_shape[0], ()
+
+    def apply_fn(params, x, **kwargs):
+        del params, kwargs
+        return functools.reduce(jnp.multiply, x)
+
+    def product(mats):
+        return None if any(m is None for m in mats) else functools.reduce(jnp.multiply, mats)
+
+    def transform(ks, **kwargs):
+        if not isinstance(ks, list):
+            raise ValueError(f"{name} needs a list of branches; put FanOut and parallel before it.")
+        _check_same_shapes([k.shape1 for k in ks], name)
+        nngps = [k.nngp for k in ks]
+        ntk = None
+        if all(k.ntk is not None for k in ks):
+            ntk = sum(k.ntk * product(nngps[:i] + nngps[i + 1:]) if len(ks) > 1 else k.ntk
+                      for i, k in enumerate(ks))
+        return ks[0].replace(nngp=product(nngps), ntk=ntk, cov1=product([k.cov1 for k in ks]),
+                             cov2=product([k.cov2 for k in ks]),
+                             is_gaussian=len(ks) == 1 and ks[0].is_gaussian,
+                             is_input=all(k.is_input for k in ks))
+
+    return layer(name, init_fn, apply_fn, transform, mask_fn=masking.and_masks)
 
 
 def FanInConcat(axis: int = -1) -> Layer:
@@ -202,4 +294,4 @@ def FanInConcat(axis: int = -1) -> Layer:
                              shape1=ks[0].shape1[:-1] + (total,),
                              shape2=ks[0].shape2[:-1] + (sum(k.shape2[-1] for k in ks),))
 
-    return layer(name, init_fn, apply_fn, transform)
+    return layer(name, init_fn, apply_fn, transform, mask_fn=masking.concat_masks)

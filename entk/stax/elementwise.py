@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from entk.stax import masking
 from entk.stax.kernel import (Kernel, Layer, expect_single, layer, pair_variances, require_gaussian,
                               safe_sqrt, self_variances, spatial_diagonal)
 
@@ -31,16 +32,27 @@ def _shape_preserving_init(rng, input_shape):
     return input_shape, ()
 
 
-def _elementwise_layer(name: str, fn: Callable[[Array], Array], nngp_fn: PairFn,
-                       dot_fn: PairFn | None) -> Layer:
-    """A layer applying `fn` elementwise; `nngp_fn` / `dot_fn` give E[φφ] and E[φ'φ']."""
+def elementwise_layer(name: str, fn: Callable[[Array], Array] | None, nngp_fn: PairFn | None,
+                      dot_fn: PairFn | None) -> Layer:
+    """A layer applying `fn` elementwise; `nngp_fn` / `dot_fn` give E[φφ] and E[φ'φ'].
+
+    `fn=None` makes a kernel-only layer (its `apply_fn` raises), `nngp_fn=None` a finite-only one
+    (its `kernel_fn` raises), as neural-tangents allows for `ExpNormalized` and `Elementwise`.
+    """
 
     def apply_fn(params, x, **kwargs):
         del params, kwargs
+        if fn is None:
+            raise NotImplementedError(f"{name} has no finite-width function (fn=None): only its "
+                                      f"kernel_fn is defined.")
         return fn(x)
 
     def transform(k: Kernel, **kwargs) -> Kernel:
         k = expect_single(k, name)
+        if nngp_fn is None:
+            raise NotImplementedError(
+                f"{name} has no kernel: pass nngp_fn=(cov12, var1, var2) -> E[fn(u) fn(v)], or use "
+                f"ElementwiseNumerical(fn, deg) for quadrature or entk.monte_carlo_kernel_fn.")
         require_gaussian(k, name)
         var1 = spatial_diagonal(k.cov1)
         var2 = var1 if k.cov2 is None else spatial_diagonal(k.cov2)
@@ -57,14 +69,17 @@ def _elementwise_layer(name: str, fn: Callable[[Array], Array], nngp_fn: PairFn,
         return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=False,
                          is_input=False)
 
-    return layer(name, _shape_preserving_init, apply_fn, transform)
+    # Remasked although φ(0) ≠ 0 for some φ: the finite network zeroes masked activations before
+    # the next layer, and so does the kernel (neural-tangents skips this for a few φ).
+    return layer(name, _shape_preserving_init, apply_fn, transform,
+                 mask_fn=masking.identity_mask, remask=True)
 
 
 # ----------------------------------------------------------------------------------------------
 # Piecewise linear: ABRelu and its special cases
 
 
-def _angle(q12: Array, q11: Array, q22: Array) -> tuple[Array, Array, Array]:
+def pair_angle(q12: Array, q11: Array, q22: Array) -> tuple[Array, Array, Array]:
     """`(sqrt(q11 q22), cos θ, θ)` with θ the angle between the two pre-activations."""
     norm = safe_sqrt(q11 * q22)
     cos = jnp.clip(jnp.where(norm > 0, q12 / jnp.where(norm > 0, norm, 1.0), 0.0), -1.0, 1.0)
@@ -78,15 +93,15 @@ def _abrelu(a: float, b: float, name: str) -> Layer:
         return a * jnp.minimum(x, 0) + b * jnp.maximum(x, 0)
 
     def nngp_fn(q12, q11, q22):
-        norm, cos, theta = _angle(q12, q11, q22)
+        norm, cos, theta = pair_angle(q12, q11, q22)
         sin = safe_sqrt(1.0 - cos ** 2)
         return (a - b) ** 2 / (2 * math.pi) * (norm * sin - theta * q12) + (a ** 2 + b ** 2) / 2 * q12
 
     def dot_fn(q12, q11, q22):
-        _, _, theta = _angle(q12, q11, q22)
+        _, _, theta = pair_angle(q12, q11, q22)
         return (a ** 2 + b ** 2) / 2 - (a - b) ** 2 * theta / (2 * math.pi)
 
-    return _elementwise_layer(name, fn, nngp_fn, dot_fn)
+    return elementwise_layer(name, fn, nngp_fn, dot_fn)
 
 
 def ABRelu(a: float, b: float, do_stabilize: bool = False) -> Layer:
@@ -142,7 +157,7 @@ def Erf(a: float = 1.0, b: float = 1.0, c: float = 0.0) -> Layer:
         det = (1 + 2 * b ** 2 * q11) * (1 + 2 * b ** 2 * q22) - 4 * b ** 4 * q12 ** 2
         return 4 * a ** 2 * b ** 2 / math.pi / jnp.sqrt(det)
 
-    return _elementwise_layer(f"Erf(a={a}, b={b}, c={c})", fn, nngp_fn, dot_fn)
+    return elementwise_layer(f"Erf(a={a}, b={b}, c={c})", fn, nngp_fn, dot_fn)
 
 
 def Sin(a: float = 1.0, b: float = 1.0, c: float = 0.0) -> Layer:
@@ -169,7 +184,150 @@ def Sin(a: float = 1.0, b: float = 1.0, c: float = 0.0) -> Layer:
         minus, plus = _terms(q12, q11, q22)
         return a ** 2 * b ** 2 / 2 * (minus + plus)
 
-    return _elementwise_layer(f"Sin(a={a}, b={b}, c={c})", fn, nngp_fn, dot_fn)
+    return elementwise_layer(f"Sin(a={a}, b={b}, c={c})", fn, nngp_fn, dot_fn)
+
+
+def Sigmoid_like() -> Layer:
+    """`φ(x) = ½·erf(x / 2.4020563531719796) + ½`, an `Erf` close to the logistic sigmoid (the
+    constant minimises the squared difference on [−5, 5], as in neural-tangents)."""
+    return Erf(a=0.5, b=1 / 2.4020563531719796, c=0.5)
+
+
+def Cos(a: float = 1.0, b: float = 1.0, c: float = 0.0) -> Layer:
+    """`φ(x) = a·cos(b·x + c)`, i.e. `Sin` with phase `c + π/2`."""
+    return Sin(a=a, b=b, c=c + math.pi / 2)
+
+
+def Rbf(gamma: float = 1.0) -> Layer:
+    """`φ(x) = √2·sin(√(2γ)·x + π/4)`, whose NNGP is the RBF kernel of the pre-activations:
+
+    E[φφ] = exp(−γ·(q11 + q22 − 2·q12)),   E[φ'φ'] = 2γ·E[φφ].
+    """
+    gamma = float(gamma)
+
+    def fn(x):
+        return math.sqrt(2) * jnp.sin(math.sqrt(2 * gamma) * x + math.pi / 4)
+
+    def nngp_fn(q12, q11, q22):
+        return jnp.exp(-gamma * (q11 + q22 - 2 * q12))
+
+    def dot_fn(q12, q11, q22):
+        return 2 * gamma * nngp_fn(q12, q11, q22)
+
+    return elementwise_layer(f"Rbf(gamma={gamma})", fn, nngp_fn, dot_fn)
+
+
+def Sign() -> Layer:
+    """`φ(x) = sign(x)`: E[φφ] = 1 − 2θ/π (θ the angle, see `ABRelu`); φ' = 0 almost everywhere,
+    so the NTK is zero (neural-tangents' convention)."""
+
+    def nngp_fn(q12, q11, q22):
+        _, _, theta = pair_angle(q12, q11, q22)
+        return 1 - 2 * theta / math.pi
+
+    def dot_fn(q12, q11, q22):
+        return jnp.zeros(jnp.broadcast_shapes(q12.shape, q11.shape, q22.shape), q12.dtype)
+
+    return elementwise_layer("Sign", jnp.sign, nngp_fn, dot_fn)
+
+
+def Exp(a: float = 1.0, b: float = 1.0) -> Layer:
+    """`φ(x) = a·exp(b·x)`: E[φφ] = a²·exp(b²·(q11 + q22 + 2·q12)/2), E[φ'φ'] = b²·E[φφ]."""
+    a, b = float(a), float(b)
+
+    def fn(x):
+        return a * jnp.exp(b * x)
+
+    def nngp_fn(q12, q11, q22):
+        return a ** 2 * jnp.exp(b ** 2 * ((q11 + q22) / 2 + q12))
+
+    def dot_fn(q12, q11, q22):
+        return b ** 2 * nngp_fn(q12, q11, q22)
+
+    return elementwise_layer(f"Exp(a={a}, b={b})", fn, nngp_fn, dot_fn)
+
+
+def Gaussian(a: float = 1.0, b: float = -1.0) -> Layer:
+    """`φ(x) = a·exp(b·x²)`. With D = (1 − 2b·q11)(1 − 2b·q22) − 4b²·q12²:
+
+    E[φφ] = a²/√D,   E[φ'φ'] = 4a²b²·q12 / D^{3/2}.
+    """
+    a, b = float(a), float(b)
+
+    def fn(x):
+        return a * jnp.exp(b * x ** 2)
+
+    def det(q12, q11, q22):
+        return safe_sqrt((1 - 2 * b * q11) * (1 - 2 * b * q22) - 4 * b ** 2 * q12 ** 2)
+
+    def nngp_fn(q12, q11, q22):
+        return a ** 2 / det(q12, q11, q22)
+
+    def dot_fn(q12, q11, q22):
+        return 4 * a ** 2 * b ** 2 * q12 / det(q12, q11, q22) ** 3
+
+    return elementwise_layer(f"Gaussian(a={a}, b={b})", fn, nngp_fn, dot_fn)
+
+
+def ExpNormalized(gamma: float = 1.0, shift: float = -1.0, do_clip: bool = False) -> Layer:
+    """Kernel-only layer: the "Gaussian normalized kernel" (Shankar et al. 2020, p. 6).
+
+    With n = √(q11 q22) and ρ = q12/n (clipped to [−1, 1] if `do_clip`):
+    nngp ↦ n·exp(γ·(ρ + shift)), ntk ↦ γ·ntk·exp(γ·(ρ + shift)). There is no finite-width
+    network, so `apply_fn` raises (as in neural-tangents).
+    """
+    gamma, shift = float(gamma), float(shift)
+
+    def exponent(q12, q11, q22):
+        norm = jnp.sqrt(jnp.maximum(q11 * q22, 1e-30))
+        rho = q12 / norm
+        if do_clip:
+            rho = jnp.clip(rho, -1.0, 1.0)
+        return norm, jnp.exp(gamma * (rho + shift))
+
+    def nngp_fn(q12, q11, q22):
+        norm, e = exponent(q12, q11, q22)
+        return norm * e
+
+    def dot_fn(q12, q11, q22):
+        return gamma * exponent(q12, q11, q22)[1]
+
+    return elementwise_layer(f"ExpNormalized(gamma={gamma}, shift={shift})", None, nngp_fn, dot_fn)
+
+
+def _gabor_nngp(q12, q11, q22):
+    """E[φ(u)φ(v)] for φ(x) = exp(−x²)·sin(x). With D = det(I + 2Σ) = 1 + 2S + 4Δ (S = q11 + q22,
+    Δ = q11 q22 − q12²), writing sin·sin = (cos(u−v) − cos(u+v))/2 and using the Gaussian
+    characteristic function under the weight exp(−u² − v²):
+
+    E = (exp(−(S + 4Δ − 2q12)/(2D)) − exp(−(S + 4Δ + 2q12)/(2D))) / (2√D).
+    """
+    s = q11 + q22
+    delta4 = 4 * (q11 * q22 - q12 ** 2)
+    d = 1 + 2 * s + delta4
+    minus = jnp.exp(-(s + delta4 - 2 * q12) / (2 * d))
+    plus = jnp.exp(-(s + delta4 + 2 * q12) / (2 * d))
+    return (minus - plus) / (2 * safe_sqrt(d))
+
+
+def Gabor() -> Layer:
+    """`φ(x) = exp(−x²)·sin(x)`; E[φφ] in `_gabor_nngp`, E[φ'φ'] its derivative in q12."""
+
+    def fn(x):
+        return jnp.exp(-x ** 2) * jnp.sin(x)
+
+    return elementwise_layer("Gabor", fn, _gabor_nngp, price_derivative(_gabor_nngp))
+
+
+def price_derivative(nngp_fn: PairFn) -> PairFn:
+    """`(q12, q11, q22) ↦ ∂nngp_fn/∂q12`, which is E[φ'(u) φ'(v)] by Price's theorem, taken
+    exactly by forward-mode autodiff (elementwise, so one `jvp` gives every entry)."""
+
+    def dot_fn(q12, q11, q22):
+        q12, q11, q22 = jnp.broadcast_arrays(q12, q11, q22)
+        return jax.jvp(lambda q: nngp_fn(q, q11, q22), (q12,), (jnp.ones_like(q12),))[1]
+
+    return dot_fn
 
 
 def _gelu_nngp(q12, q11, q22):
@@ -194,11 +352,8 @@ def Gelu(approximate: bool = False) -> Layer:
     def fn(x):
         return jax.nn.gelu(x, approximate=approximate)
 
-    def dot_fn(q12, q11, q22):
-        q12, q11, q22 = jnp.broadcast_arrays(q12, q11, q22)
-        return jax.jvp(lambda q: _gelu_nngp(q, q11, q22), (q12,), (jnp.ones_like(q12),))[1]
-
-    return _elementwise_layer(f"Gelu(approximate={approximate})", fn, _gelu_nngp, dot_fn)
+    return elementwise_layer(f"Gelu(approximate={approximate})", fn, _gelu_nngp,
+                             price_derivative(_gelu_nngp))
 
 
 def Identity() -> Layer:
@@ -211,7 +366,8 @@ def Identity() -> Layer:
     def transform(k, **kwargs):
         return k
 
-    return layer("Identity", _shape_preserving_init, apply_fn, transform)
+    return layer("Identity", _shape_preserving_init, apply_fn, transform,
+                 mask_fn=masking.identity_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,4 +419,28 @@ def ElementwiseNumerical(fn: Callable[[Array], Array], deg: int,
     nngp_fn = gauss_hermite_pair_expectation(fn, fn, deg)
     dot_fn = gauss_hermite_pair_expectation(df, df, deg)
     name = f"ElementwiseNumerical({getattr(fn, '__name__', 'fn')}, deg={deg})"
-    return _elementwise_layer(name, fn, nngp_fn, dot_fn)
+    return elementwise_layer(name, fn, nngp_fn, dot_fn)
+
+
+def Elementwise(fn: Callable[[Array], Array] | None = None,
+                nngp_fn: Callable[[Array, Array, Array], Array] | None = None,
+                d_nngp_fn: Callable[[Array, Array, Array], Array] | None = None) -> Layer:
+    """Any elementwise `fn` with a user-given Gaussian expectation (neural-tangents' semantics).
+
+    Args:
+      fn: the scalar nonlinearity `R → R` of the finite network; `None` makes `apply_fn` raise.
+      nngp_fn: `(cov12, var1, var2) ↦ E[fn(u) fn(v)]` for `(u, v)` centred Gaussian with those
+        (co)variances, written for scalars; `None` makes `kernel_fn` raise (use
+        `ElementwiseNumerical` to integrate `fn` numerically instead).
+      d_nngp_fn: `(cov12, var1, var2) ↦ E[fn'(u) fn'(v)]` for the NTK; `None` takes it as
+        `∂nngp_fn/∂cov12` by autodiff (Price's theorem), as neural-tangents does.
+    """
+    if fn is None and nngp_fn is None:
+        raise ValueError("Elementwise: neither fn nor nngp_fn was given, so the layer would do "
+                         "nothing; pass fn (finite network) and/or nngp_fn (kernel).")
+    name = f"Elementwise({getattr(fn if fn is not None else nngp_fn, '__name__', 'fn')})"
+    pair_nngp = pair_dot = None
+    if nngp_fn is not None:
+        pair_nngp = jnp.vectorize(nngp_fn)
+        pair_dot = jnp.vectorize(jax.grad(nngp_fn) if d_nngp_fn is None else d_nngp_fn)
+    return elementwise_layer(name, fn, pair_nngp, pair_dot)

@@ -32,7 +32,7 @@ Array = jax.Array
 
 # Every field of `Kernel`, in order: the valid names for `get`.
 KERNEL_FIELDS = ("nngp", "ntk", "cov1", "cov2", "x1_is_x2", "is_gaussian", "is_input", "shape1",
-                 "shape2")
+                 "shape2", "mask1", "mask2")
 
 
 @jax.tree_util.register_pytree_node_class
@@ -51,6 +51,9 @@ class Kernel:
       is_input: the kernel is still that of the raw inputs.
       shape1, shape2: the shapes a finite network's layer would output for `x1` / `x2` (channel
         counts matter for the standard parameterization and for `FanInConcat`).
+      mask1, mask2: boolean masks (true = masked) broadcastable to `shape1` / `shape2` when the
+        inputs were masked with `mask_constant` (`entk.stax.masking`), else `None`; `mask2` is
+        `None` when `x2` is `x1`.
     """
 
     nngp: Array
@@ -62,14 +65,16 @@ class Kernel:
     is_input: bool
     shape1: tuple[int, ...]
     shape2: tuple[int, ...]
+    mask1: Array | None = None
+    mask2: Array | None = None
 
     def tree_flatten(self):
-        return ((self.nngp, self.ntk, self.cov1, self.cov2),
+        return ((self.nngp, self.ntk, self.cov1, self.cov2, self.mask1, self.mask2),
                 (self.x1_is_x2, self.is_gaussian, self.is_input, self.shape1, self.shape2))
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        return cls(*children, *aux)
+        return cls(*children[:4], *aux, *children[4:])
 
     def replace(self, **changes: Any) -> "Kernel":
         """A copy with some fields changed."""
@@ -130,8 +135,15 @@ def _gram(a: Array, b: Array, same_example: bool) -> Array:
     return jnp.einsum(spec, a, b, precision=jax.lax.Precision.HIGHEST) / a.shape[-1]
 
 
-def kernel_from_inputs(x1: Any, x2: Any = None, compute_ntk: bool = True) -> Kernel:
-    """The kernel of the raw inputs: channel-averaged Gram matrices, NTK zero (no parameters yet)."""
+def kernel_from_inputs(x1: Any, x2: Any = None, compute_ntk: bool = True,
+                       mask_constant: Any = None) -> Kernel:
+    """The kernel of the raw inputs: channel-averaged Gram matrices, NTK zero (no parameters yet).
+
+    Entries equal to `mask_constant` are zeroed and recorded in `mask1`/`mask2` (same shapes as
+    the inputs), see `entk.stax.masking`.
+    """
+    from entk.stax import masking
+
     x1 = _as_float_array(x1, "x1")
     x1_is_x2 = x2 is None or x2 is x1
     if not x1_is_x2:
@@ -140,12 +152,19 @@ def kernel_from_inputs(x1: Any, x2: Any = None, compute_ntk: bool = True) -> Ker
             raise ValueError(f"x1 has shape {x1.shape} and x2 has shape {x2.shape}: they may differ "
                              f"only in the batch (first) axis.")
     x2_ = x1 if x1_is_x2 else x2
+    mask1 = mask2 = None
+    if mask_constant is not None:
+        x1, mask1 = masking.split(x1, mask_constant)
+        if not x1_is_x2:
+            x2, mask2 = masking.split(x2, mask_constant)
+        x2_ = x1 if x1_is_x2 else x2
     nngp = _gram(x1, x2_, same_example=False)
     cov1 = _gram(x1, x1, same_example=True)
     cov2 = None if x1_is_x2 else _gram(x2_, x2_, same_example=True)
     ntk = jnp.zeros_like(nngp) if compute_ntk else None
     return Kernel(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, x1_is_x2=x1_is_x2, is_gaussian=False,
-                  is_input=True, shape1=tuple(x1.shape), shape2=tuple(x2_.shape))
+                  is_input=True, shape1=tuple(x1.shape), shape2=tuple(x2_.shape), mask1=mask1,
+                  mask2=mask2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,12 +211,16 @@ class AnalyticKernelFn:
         self._jitted = jax.jit(self._compute, static_argnames=("compute_ntk",))
 
     def _compute(self, x1: Any, x2: Any, kwargs: dict, compute_ntk: bool) -> Any:
-        return self.transform(_to_kernels(x1, x2, compute_ntk), **kwargs)
+        kwargs = dict(kwargs)
+        mask_constant = kwargs.pop("mask_constant", None)
+        return self.transform(_to_kernels(x1, x2, compute_ntk, mask_constant), **kwargs)
 
     def __call__(self, x1: Any, x2: Any = None, get: str | Sequence[str] | None = None,
                  **kwargs: Any) -> Any:
         names, single = canonical_get(get, KERNEL_FIELDS, default=None, noun="kernel entry")
         x2 = _drop_if_same(x1, x2)
+        if kwargs.get("mask_constant") is not None:  # traced, so one compilation for all values
+            kwargs = {**kwargs, "mask_constant": jnp.asarray(kwargs["mask_constant"], float)}
         args = (x1, x2, kwargs, needs_ntk(names))
         # One compiled program per network and input shapes: much faster than op-by-op dispatch.
         # Non-array keyword arguments cannot be traced, so those calls run eagerly.
@@ -225,7 +248,8 @@ def _drop_if_same(x1: Any, x2: Any) -> Any:
     return None if _same_values(x1, x2) else x2
 
 
-def _to_kernels(x1: Any, x2: Any, compute_ntk: bool) -> Kernel | list[Kernel]:
+def _to_kernels(x1: Any, x2: Any, compute_ntk: bool,
+                mask_constant: Any = None) -> Kernel | list[Kernel]:
     if isinstance(x1, Kernel):
         if x2 is not None:
             raise ValueError("kernel_fn(kernel, x2): pass x2 only with arrays; a Kernel already "
@@ -236,8 +260,8 @@ def _to_kernels(x1: Any, x2: Any, compute_ntk: bool) -> Kernel | list[Kernel]:
             raise ValueError(f"x1 is a list of {len(x1)} inputs, so x2 must be None or a list of "
                              f"as many, got {type(x2).__name__}.")
         x2s = [None] * len(x1) if x2 is None else list(x2)
-        return [_to_kernels(a, b, compute_ntk) for a, b in zip(x1, x2s)]
-    return kernel_from_inputs(x1, x2, compute_ntk)
+        return [_to_kernels(a, b, compute_ntk, mask_constant) for a, b in zip(x1, x2s)]
+    return kernel_from_inputs(x1, x2, compute_ntk, mask_constant)
 
 
 class Layer(NamedTuple):
@@ -253,9 +277,21 @@ class Layer(NamedTuple):
     kernel_fn: AnalyticKernelFn
 
 
-def layer(name: str, init_fn: Callable, apply_fn: Callable, transform: Transform) -> Layer:
-    """Bundles a layer; `transform(kernel, **kw) -> kernel` is its analytic kernel map."""
-    return Layer(init_fn, apply_fn, AnalyticKernelFn(transform, name))
+def layer(name: str, init_fn: Callable, apply_fn: Callable, transform: Transform,
+          mask_fn: Any = "unsupported", remask: bool = False,
+          apply_uses_mask: bool = False) -> Layer:
+    """Bundles a layer; `transform(kernel, **kw) -> kernel` is its analytic kernel map.
+
+    Masked inputs (`entk.stax.masking`): `mask_fn(mask, input_shape) -> mask` maps the layer's
+    input mask to its output mask (`"pass"` for combinators whose inner layers handle masks; the
+    default `"unsupported"` raises `NotImplementedError` when a mask reaches the layer); `remask`
+    zeroes kernel entries of masked positions after the layer; `apply_uses_mask` passes the mask
+    to `apply_fn(..., mask=...)` (layers that reduce over positions).
+    """
+    from entk.stax import masking
+
+    return Layer(init_fn, masking.wrap_apply(name, apply_fn, mask_fn, apply_uses_mask),
+                 AnalyticKernelFn(masking.wrap_transform(name, transform, mask_fn, remask), name))
 
 
 def transform_of(item: Any, where: str) -> Transform:

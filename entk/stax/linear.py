@@ -1,4 +1,4 @@
-"""Affine layers with Gaussian weights: `Dense` and `Conv`.
+"""Affine layers with Gaussian weights: `Dense`, `Conv`, `ConvLocal` (unshared), `ConvTranspose`.
 
 Parameterizations (neural-tangents'):
 
@@ -22,8 +22,9 @@ import jax.numpy as jnp
 from jax import lax, random
 
 from entk.stax import spatial
+from entk.stax import masking
 from entk.stax.kernel import (Kernel, Layer, check_default_axes, check_parameterization,
-                              expect_single, layer)
+                              diagonal_mask, expect_single, layer)
 
 Array = jax.Array
 
@@ -108,7 +109,8 @@ def Dense(out_dim: int, W_std: float = 1.0, b_std: float | None = None, batch_ax
         return _kernel_update(k, lambda m, _: m, k.shape1[-1], W_std, b_std, parameterization,
                               k.shape1[:-1] + (out_dim,), k.shape2[:-1] + (out_dim,))
 
-    return layer(name, init_fn, apply_fn, transform)
+    return layer(name, init_fn, apply_fn, transform, mask_fn=masking.collapse_channels,
+                 remask=True)
 
 
 def _conv_dimension_numbers(d: int) -> lax.ConvDimensionNumbers:
@@ -180,6 +182,183 @@ def Conv(out_chan: int, filter_shape: Sequence[int], strides: Sequence[int] | No
         def window_op(mat, first_axis):
             mat = spatial.pad_pairs(mat, first_axis, pads, circular)
             return spatial.diagonal_window_sum(mat, first_axis, filter_shape, strides) / filter_size
+
+        return _kernel_update(k, window_op, k.shape1[-1] * filter_size, W_std, b_std,
+                              parameterization, (k.shape1[0],) + out + (out_chan,),
+                              (k.shape2[0],) + out + (out_chan,))
+
+    def mask_fn(mask, input_shape):
+        pads, out = geometry(input_shape)
+        return masking.window_centres(masking.collapse_channels(mask, input_shape), filter_shape,
+                                      strides, pads, out)
+
+    return layer(name, init_fn, apply_fn, transform, mask_fn=mask_fn, remask=True)
+
+
+def _check_channels_last(name: str, dimension_numbers: tuple | None) -> None:
+    if dimension_numbers is not None:
+        lhs = dimension_numbers[0]
+        if not (isinstance(lhs, str) and lhs[0] == "N" and lhs[-1] == "C"):
+            raise NotImplementedError(f"{name}: dimension_numbers={dimension_numbers}; only "
+                                      f"channels-last inputs (e.g. 'NHWC') are supported.")
+
+
+def ConvLocal(out_chan: int, filter_shape: Sequence[int], strides: Sequence[int] | None = None,
+              padding: str = "VALID", W_std: float = 1.0, b_std: float | None = None,
+              dimension_numbers: tuple | None = None, parameterization: str = "ntk",
+              s: Sequence[int] = (1, 1)) -> Layer:
+    """Locally connected layer: a `Conv` whose filters (and biases) differ at every output position.
+
+    Params `(W (*out_sizes, C_in·filter_size, out_chan), b (*out_sizes, out_chan) or None)`, the
+    layout of `jax.lax.conv_general_dilated_local`. Kernel: weights at different output positions
+    are independent, so the covariance between two different positions vanishes; on the spatial
+    diagonal it equals `Conv`'s.
+    """
+    filter_shape = tuple(int(f) for f in filter_shape)
+    d = len(filter_shape)
+    name = f"ConvLocal({out_chan}, {filter_shape})"
+    _check_channels_last(name, dimension_numbers)
+    _check_s(name, s)
+    parameterization = check_parameterization(name, parameterization)
+    strides = spatial.parse_window(strides, d, 1, "strides", name)
+    pad_mode = spatial.parse_padding(padding, name)
+    W_std = float(W_std)
+    b_std = None if b_std is None else float(b_std)
+    dn = _conv_dimension_numbers(d)
+    filter_size = math.prod(filter_shape)
+    shared = Conv(out_chan, filter_shape, strides, padding, W_std, b_std,
+                  parameterization=parameterization)
+
+    def geometry(shape):
+        if len(shape) != d + 2:
+            raise ValueError(f"{name} expects inputs with {d} spatial dimension(s), "
+                             f"(N, {'S, ' * d}C), got shape {tuple(shape)}.")
+        pads = spatial.pads_for(pad_mode, tuple(shape[1:-1]), filter_shape, strides)
+        return pads, spatial.output_sizes(tuple(shape[1:-1]), filter_shape, strides, pads, name)
+
+    def init_fn(rng, input_shape):
+        _, out = geometry(input_shape)
+        fan_in = input_shape[-1] * filter_size
+        k_w, k_b = random.split(rng)
+        W = random.normal(k_w, out + (fan_in, out_chan))
+        b = None if b_std is None else random.normal(k_b, out + (out_chan,))
+        if parameterization == "standard":
+            W = W * (W_std / math.sqrt(fan_in))
+            b = None if b is None else b * b_std
+        return (input_shape[0],) + out + (out_chan,), (W, b)
+
+    def apply_fn(params, x, **kwargs):
+        W, b = params
+        pads, _ = geometry(x.shape)
+        if pad_mode is spatial.Padding.CIRCULAR:
+            x = spatial.pad_array(x, 1, pads, circular=True)
+            pads = [(0, 0)] * d
+        dtype = jnp.result_type(x, W)
+        y = lax.conv_general_dilated_local(x.astype(dtype), W.astype(dtype), strides, pads,
+                                           filter_shape, dimension_numbers=dn)
+        return _finish(y, b, x.shape[-1] * filter_size, W_std, b_std, parameterization)
+
+    shared_transform = shared.kernel_fn.transform
+
+    def transform(k: Kernel, **kwargs) -> Kernel:
+        k = expect_single(k, name)
+        out = shared_transform(k)
+
+        def keep_diagonal(mat, first_axis):
+            return mat * diagonal_mask(mat.shape, first_axis, batch_diagonal=False)
+
+        return out.map_matrices(keep_diagonal)
+
+    def mask_fn(mask, input_shape):
+        pads, out = geometry(input_shape)
+        return masking.window_centres(masking.collapse_channels(mask, input_shape), filter_shape,
+                                      strides, pads, out)
+
+    return layer(name, init_fn, apply_fn, transform, mask_fn=mask_fn, remask=True)
+
+
+def _transpose_pads(in_sizes, filter_shape, strides, padding: spatial.Padding):
+    """`(low, high)` padding of the stride-dilated input for a transposed convolution, matching
+    `jax.lax.conv_transpose` with string padding (the transpose of a forward VALID / SAME conv)."""
+    pads = []
+    for k, s in zip(filter_shape, strides):
+        if padding is spatial.Padding.SAME:
+            total = k + s - 2
+            low = k - 1 if s > k - 1 else -(-total // 2)
+        else:
+            total = k + s - 2 + max(k - s, 0)
+            low = k - 1
+        pads.append((low, total - low))
+    return pads
+
+
+def ConvTranspose(out_chan: int, filter_shape: Sequence[int], strides: Sequence[int] | None = None,
+                  padding: str = "VALID", W_std: float = 1.0, b_std: float | None = None,
+                  dimension_numbers: tuple | None = None, parameterization: str = "ntk",
+                  s: Sequence[int] = (1, 1)) -> Layer:
+    """Transposed (fractionally strided) convolution, `jax.lax.conv_transpose`'s output sizes.
+
+    The input is dilated by `strides` (zeros between positions), padded, then convolved with
+    stride 1; the kernel map is the same: dilate both axes of every spatial pair, pad, and take
+    `Conv`'s filter-averaged diagonal window sum. Params as `Conv`'s. `'CIRCULAR'` padding is not
+    supported.
+    """
+    filter_shape = tuple(int(f) for f in filter_shape)
+    d = len(filter_shape)
+    name = f"ConvTranspose({out_chan}, {filter_shape})"
+    _check_channels_last(name, dimension_numbers)
+    _check_s(name, s)
+    parameterization = check_parameterization(name, parameterization)
+    strides = spatial.parse_window(strides, d, 1, "strides", name)
+    pad_mode = spatial.parse_padding(padding, name)
+    if pad_mode is spatial.Padding.CIRCULAR:
+        raise NotImplementedError(f"{name}: padding='CIRCULAR' is not supported for transposed "
+                                  f"convolutions; use 'VALID' or 'SAME'.")
+    W_std = float(W_std)
+    b_std = None if b_std is None else float(b_std)
+    dn = _conv_dimension_numbers(d)
+    filter_size = math.prod(filter_shape)
+    ones = (1,) * d
+
+    def geometry(shape):
+        if len(shape) != d + 2:
+            raise ValueError(f"{name} expects inputs with {d} spatial dimension(s), "
+                             f"(N, {'S, ' * d}C), got shape {tuple(shape)}.")
+        in_sizes = tuple(shape[1:-1])
+        pads = _transpose_pads(in_sizes, filter_shape, strides, pad_mode)
+        dilated = tuple((n - 1) * st + 1 for n, st in zip(in_sizes, strides))
+        out = spatial.output_sizes(dilated, filter_shape, ones, pads, name)
+        return pads, out
+
+    def init_fn(rng, input_shape):
+        _, out = geometry(input_shape)
+        fan_in = input_shape[-1] * filter_size
+        params = _init_weights(rng, filter_shape + (input_shape[-1], out_chan), out_chan, fan_in,
+                               W_std, b_std, parameterization)
+        return (input_shape[0],) + out + (out_chan,), params
+
+    def apply_fn(params, x, **kwargs):
+        W, b = params
+        pads, _ = geometry(x.shape)
+        dtype = jnp.result_type(x, W)
+        y = lax.conv_general_dilated(x.astype(dtype), W.astype(dtype), ones, pads,
+                                     lhs_dilation=strides, dimension_numbers=dn)
+        return _finish(y, b, x.shape[-1] * filter_size, W_std, b_std, parameterization)
+
+    def dilate_pairs(mat: Array, first_axis: int) -> Array:
+        """Inserts `stride − 1` zeros between positions on both axes of every spatial pair."""
+        config = [(0, 0, 0)] * mat.ndim
+        for i, st in enumerate(strides):
+            config[first_axis + 2 * i] = config[first_axis + 2 * i + 1] = (0, 0, st - 1)
+        return lax.pad(mat, jnp.zeros((), mat.dtype), config)
+
+    def transform(k: Kernel, **kwargs) -> Kernel:
+        k = expect_single(k, name)
+        pads, out = geometry(k.shape1)
+
+        def window_op(mat, first_axis):
+            mat = spatial.pad_pairs(dilate_pairs(mat, first_axis), first_axis, pads, False)
+            return spatial.diagonal_window_sum(mat, first_axis, filter_shape, ones) / filter_size
 
         return _kernel_update(k, window_op, k.shape1[-1] * filter_size, W_std, b_std,
                               parameterization, (k.shape1[0],) + out + (out_chan,),

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from entk.stax import spatial
+from entk.stax import masking, spatial
 from entk.stax.kernel import Kernel, Layer, check_default_axes, expect_single, layer, spatial_diagonal
 
 Array = jax.Array
@@ -92,7 +92,13 @@ def _pool(name: str, window_shape: Sequence[int], strides: Sequence[int] | None,
             shape1=(k.shape1[0],) + out + (k.shape1[-1],),
             shape2=(k.shape2[0],) + out + (k.shape2[-1],))
 
-    return layer(name, init_fn, apply_fn, transform)
+    def mask_fn(mask, input_shape):
+        # Masked positions are zero, so windows simply sum fewer values; an output is masked
+        # when its window's centre is.
+        _, pads, out = geometry(input_shape)
+        return masking.window_centres(mask, window, strides, pads, out)
+
+    return layer(name, init_fn, apply_fn, transform, mask_fn=mask_fn, remask=True)
 
 
 def AvgPool(window_shape: Sequence[int], strides: Sequence[int] | None = None,
@@ -121,22 +127,32 @@ def _global_pool(name: str, average: bool) -> Layer:
         del rng
         return (input_shape[0], input_shape[-1]), ()
 
-    def apply_fn(params, x, **kwargs):
+    def apply_fn(params, x, mask=None, **kwargs):
         del params, kwargs
         axes = tuple(range(1, x.ndim - 1))
-        return jnp.mean(x, axes) if average else jnp.sum(x, axes)
+        # With a mask, the average runs over the unmasked positions only.
+        return masking.masked_mean(x, axes, mask) if average else jnp.sum(x, axes)
 
     def transform(k: Kernel, **kwargs) -> Kernel:
         k = expect_single(k, name)
+        mask11, mask12, mask22 = masking.pair_masks(k.mask1, k.mask2, k.x1_is_x2, name)
 
         def reduce(mat, first_axis):
             axes = tuple(range(first_axis, mat.ndim))
-            return jnp.mean(mat, axes) if average else jnp.sum(mat, axes)
+            if not average:
+                return jnp.sum(mat, axes)
+            mask = {2: mask12, 1: mask11 if mat is k.cov1 else mask22}[first_axis]
+            return masking.masked_mean(mat, axes, mask)
 
         return k.map_matrices(reduce).replace(shape1=(k.shape1[0], k.shape1[-1]),
                                               shape2=(k.shape2[0], k.shape2[-1]))
 
-    return layer(name, init_fn, apply_fn, transform)
+    def mask_fn(mask, input_shape):
+        """An example is masked when every position is."""
+        del input_shape
+        return jnp.all(mask, axis=tuple(range(1, mask.ndim - 1)))
+
+    return layer(name, init_fn, apply_fn, transform, mask_fn=mask_fn, apply_uses_mask=True)
 
 
 def GlobalAvgPool(batch_axis: int = 0, channel_axis: int = -1) -> Layer:
@@ -176,4 +192,8 @@ def Flatten(batch_axis: int = 0, batch_axis_out: int = 0) -> Layer:
             shape1=(k.shape1[0], math.prod(k.shape1[1:])),
             shape2=(k.shape2[0], math.prod(k.shape2[1:])))
 
-    return layer("Flatten", init_fn, apply_fn, transform)
+    def mask_fn(mask, input_shape):
+        """Each flattened feature keeps the mask of its position and channel."""
+        return jnp.broadcast_to(mask, tuple(input_shape)).reshape(input_shape[0], -1)
+
+    return layer("Flatten", init_fn, apply_fn, transform, mask_fn=mask_fn)
