@@ -47,17 +47,18 @@ def run(args: argparse.Namespace) -> int:
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     from entk.algorithms.compare import compare
-    from entk.spec import load_model
+    from entk.cli import build_model
 
     rng = np.random.default_rng(0)
     x1 = rng.standard_normal((args.batch,) + args.input_shape).astype(args.dtype)
     x2 = None if args.batch2 is None else \
         rng.standard_normal((args.batch2,) + args.input_shape).astype(args.dtype)
-    model = load_model(args.spec, x1, outputs=args.outputs)
+    shape = ",".join(str(n) for n in args.input_shape)
+    model = build_model(args.spec, x1, f"--input-shape {shape}", outputs=args.outputs)
     budget = None if args.memory_budget_mb is None else int(args.memory_budget_mb * 2**20)
     report = compare(model, jax.numpy.asarray(x1), None if x2 is None else jax.numpy.asarray(x2),
                      measure=args.measure, repeats=args.repeats, memory_budget=budget,
-                     trace_axes=(-1,) if args.trace else (), vmap_axes=0 if args.vmap else None)
+                     trace_axes=(-1,) if args.trace else (), vmap_axes=args.vmap)
     print(report)
     if args.json:
         with open(args.json, "w") as fh:

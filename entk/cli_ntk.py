@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Sequence
 
-from entk.cli import SPEC_FORMS, add_kernel_options
+from entk.cli import SPEC_FORMS, CommandError, add_kernel_options, build_model, load_examples
 
 
 def _tile(text: str):
@@ -61,15 +61,6 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _load(path: str, dtype: str | None):
-    import numpy as np
-
-    x = np.load(path, mmap_mode="r")
-    if dtype is not None and np.issubdtype(x.dtype, np.floating):
-        x = x.astype(dtype)
-    return x
-
-
 def run(args: argparse.Namespace) -> int:
     """Computes (or resumes) the kernel; prints a one-line JSON summary on stdout."""
     import jax
@@ -78,13 +69,16 @@ def run(args: argparse.Namespace) -> int:
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     import entk
-    from entk.spec import load_model
 
-    x1 = _load(args.input, args.dtype)
-    x2 = None if args.input2 is None else _load(args.input2, args.dtype)
-    model = load_model(args.spec, np.asarray(x1[:2]), outputs=args.outputs)
+    x1 = load_examples(args.input, "--input", dtype=args.dtype, mmap=True)
+    x2 = None if args.input2 is None else load_examples(args.input2, "--input2", dtype=args.dtype,
+                                                         mmap=True)
+    if x2 is not None and x2.shape[1:] != x1.shape[1:]:
+        raise CommandError(f"--input2 {args.input2}: its examples have shape {x2.shape[1:]}, those "
+                           f"of --input {args.input} {x1.shape[1:]}; both sides need the same")
+    model = build_model(args.spec, x1, f"--input {args.input}", outputs=args.outputs)
     ntk_fn = entk.empirical_ntk_fn(model, trace_axes=(-1,) if args.trace else (),
-                                   vmap_axes=0 if args.vmap else None,
+                                   vmap_axes=args.vmap,
                                    implementation=args.implementation)
     budget = None if args.memory_budget_mb is None else int(args.memory_budget_mb * 2 ** 20)
     # The NTK of x1 with itself is symmetric; when it is (N, N) only half the tiles are computed.

@@ -43,16 +43,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Computes and prints the spectrum summary; returns the process exit code (0 on success)."""
     from entk import metrics
+    from entk.cli import build_model, load_examples
     from entk.empirical import ntk
-    from entk.spec import load_model
 
     if args.top < 1:
         raise SystemExit(f"entk spectrum: --top {args.top}; ask for at least one eigenvalue.")
-    try:
-        x = np.load(args.input)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"entk spectrum: cannot read --input {args.input!r} as a .npy array: {e}") from e
-    model = load_model(args.spec, x)
+    x = load_examples(args.input, "--input")
+    model = build_model(args.spec, x, f"--input {args.input}")
     kwargs = {"implementation": args.implementation}
     if args.full:
         kwargs["trace_axes"] = ()

@@ -16,12 +16,12 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from entk import _compilation_cache
 from entk._get import canonical_get
 from entk import algorithms
 from entk.algorithms import Strategy
-from entk.algorithms._apply import output_shapes
+from entk.algorithms._apply import output_shapes, split_kwargs
 from entk.algorithms.axes import KernelAxes, VmapAxes
 from entk.model import ALL_STRATEGIES, Model
 
@@ -45,10 +45,15 @@ def empirical_ntk_fn(f: Callable[..., PyTree] | Model, trace_axes: int | Sequenc
       f: `f(params, x, **kw) -> array or pytree`, pure JAX, or an `entk.Model`.
       trace_axes: output axes to average over (default: the last, the logits).
       diagonal_axes: output axes on which only `x1`/`x2` entries with equal index are kept.
-      vmap_axes: `None`, an int, or `(in_axes, out_axes, kwargs_axes)`: where the batch axis is, for a
-        model that treats examples independently; strategies then work one example at a time, which
-        is much cheaper. The model is checked once (two extra forward passes) and refused if it
-        couples examples (e.g. BatchNorm in training mode).
+      vmap_axes: `None`, an int, `(in_axes, out_axes, kwargs_axes)`, or `"auto"`: where the batch axis
+        is, for a model that treats examples independently; strategies then work one example at a
+        time, which is much cheaper. The model is verified once per shapes, eagerly and under
+        `jax.jit` alike (a structural proof over its jaxpr, plus two forward passes when values are
+        concrete; `entk.algorithms.batch_independence`), and refused with an error naming the
+        operation and source line if it couples examples (e.g. BatchNorm in training mode) or takes
+        an undeclared per-example keyword argument (declare it in `kwargs_axes`, e.g.
+        `(0, 0, {"mask": 0})`). `"auto"`: batch axis 0 on inputs (keyword arguments shared) where the
+        analysis proves independence, the whole batch at once otherwise, silently.
       implementation: `"auto"`, `"jc"` (Jacobian contraction), `"ntvp"` (NTK-vector products),
         `"sd"` (structured derivatives), an `entk.Strategy`, or the ints 0-3. `"auto"` runs the
         strategy the cost model (`entk.algorithms.cost`) predicts fastest among those whose peak memory
@@ -61,11 +66,12 @@ def empirical_ntk_fn(f: Callable[..., PyTree] | Model, trace_axes: int | Sequenc
     """
     f, capabilities = _unwrap_model(f)
     axes = KernelAxes.create(trace_axes, diagonal_axes)
-    vmap = VmapAxes.create(vmap_axes)
+    vmap = AUTO if _is_auto(vmap_axes) else VmapAxes.create(vmap_axes)
     strategy = Strategy.parse(implementation)
     _check_supported(strategy, capabilities)
 
     def ntk_fn(x1: PyTree, x2: PyTree | None, params: PyTree, **apply_fn_kwargs: Any) -> PyTree:
+        _compilation_cache.enable()  # compile once per machine (see entk/_compilation_cache.py)
         call = _prepare(f, x1, x2, params, apply_fn_kwargs, axes, vmap)
         chosen = strategy
         if strategy is Strategy.AUTO:
@@ -73,10 +79,10 @@ def empirical_ntk_fn(f: Callable[..., PyTree] | Model, trace_axes: int | Sequenc
 
             chosen = cost.select(f, x1, call.x2, params, apply_fn_kwargs,
                                  {"trace_axes": trace_axes, "diagonal_axes": diagonal_axes,
-                                  "vmap_axes": vmap_axes},
+                                  "vmap_axes": call.vmap},
                                  capabilities=capabilities, memory_budget=memory_budget)
         return algorithms.get(chosen)(f, call.x1, call.x2, params, call.kwargs1, call.kwargs2,
-                                      axes, vmap)
+                                      axes, call.vmap)
 
     ntk_fn.__doc__ = f"Empirical NTK ({strategy.short_name}); see entk.empirical_ntk_fn."
     return ntk_fn
@@ -156,18 +162,29 @@ def ntk(model: Any, x1: Any, x2: Any = None, *, params: PyTree = None, **ntk_kwa
 
     `model` is an `entk.Model`, a PyTorch module, a Keras model or `tf.function`, or a plain
     `f(params, x)` (then pass `params=`). Torch tensors in give a torch tensor out (TF and NumPy
-    likewise). `ntk_kwargs` are those of `empirical_ntk_fn`. A model is converted once and its kernel
+    likewise). `ntk_kwargs` are those of `empirical_ntk_fn`, except that `vmap_axes` defaults to
+    `"auto"` (per-example computation wherever the batch-independence analysis proves it right; pass
+    `vmap_axes=None` for the whole batch at once). A model is converted once and its kernel
     function compiled once per set of `ntk_kwargs`, then reused across calls.
+
+    Never stale: a torch module's weights are read at every call (without copying), and a change to
+    anything its conversion baked in (dtypes, submodules, plain attributes, ...) converts it again;
+    Keras / TF variables are read at every call too. Float64 in, float64 computed: a float64 model or
+    float64 inputs are computed with JAX's 64-bit mode on for this call (`jax.enable_x64`), even in a
+    process that runs JAX in 32 bits; float32 models and JAX arrays are left as they are.
     """
     from entk import adapters
 
-    converted = adapters.to_model(model, x1, params=params)
-    to_jax, to_native = adapters.array_converters(x1)
-    jx1 = jax.tree_util.tree_map(to_jax, x1)
-    jx2 = None if x2 is None else jax.tree_util.tree_map(to_jax, x2)
-    fn = _compiled_ntk_fn(converted, ntk_kwargs)
-    kernel = fn(jx1, jx2, converted.params if params is None else params)
-    return jax.tree_util.tree_map(lambda k: to_native(k, x1), kernel)
+    ntk_kwargs.setdefault("vmap_axes", "auto")  # per-example wherever independence is proven
+    with adapters.precision_scope(model, x1, x2, params):
+        converted = adapters.to_model(model, x1, params=params, live=True)
+        to_jax, to_native = adapters.array_converters(x1)
+        jx1 = jax.tree_util.tree_map(to_jax, x1)
+        jx2 = None if x2 is None else jax.tree_util.tree_map(to_jax, x2)
+        fn = _compiled_ntk_fn(converted, ntk_kwargs)
+        # Done before returning: the model's arrays may alias the torch module's tensors.
+        kernel = jax.block_until_ready(fn(jx1, jx2, converted.params if params is None else params))
+        return jax.tree_util.tree_map(lambda k: to_native(k, x1), kernel)
 
 
 # Compiled kernel functions, keyed by the model's apply function (not the Model object), so a Model
@@ -203,9 +220,16 @@ def _compiled_ntk_fn(model: Model, ntk_kwargs: dict) -> Callable[..., PyTree]:
 # ----------------------------------------------------------------------------------------------
 # Validation and argument preparation
 
+AUTO = "auto"  # `vmap_axes="auto"`: resolved per shapes by `batch_independence.auto_vmap_axes`
 
-class _Call(collections.namedtuple("_Call", "x1 x2 kwargs1 kwargs2 fx1 fx2")):
-    """A validated call: inputs (x2 None when it is x1), split kwargs, output shapes."""
+
+def _is_auto(vmap_axes: Any) -> bool:
+    return isinstance(vmap_axes, str) and vmap_axes.strip().lower() == AUTO
+
+
+class _Call(collections.namedtuple("_Call", "x1 x2 kwargs1 kwargs2 fx1 fx2 vmap")):
+    """A validated call: inputs (x2 None when it is x1), split kwargs, output shapes, and the
+    verified `VmapAxes` (`"auto"` resolved: None means the whole batch at once)."""
 
 
 def _unwrap_model(f: Any) -> tuple[Callable[..., PyTree], frozenset]:
@@ -223,22 +247,29 @@ def _check_supported(strategy: Strategy, capabilities: frozenset) -> None:
                          f"PyTorch or TensorFlow cannot use structured derivatives.")
 
 
-def _prepare(f, x1, x2, params, kwargs, axes: KernelAxes, vmap: VmapAxes | None) -> _Call:
+def _prepare(f, x1, x2, params, kwargs, axes: KernelAxes, vmap: VmapAxes | str | None) -> _Call:
     _check_params(params)
     if x2 is x1:
         x2 = None
-    in_axes = vmap.input_axes(x1) if vmap is not None else jax.tree_util.tree_map(lambda _: 0, x1)
+    in_axes = (vmap.input_axes(x1) if isinstance(vmap, VmapAxes)
+               else jax.tree_util.tree_map(lambda _: 0, x1))
     if x2 is not None:
         _check_inputs(x1, x2, in_axes)
-    kwargs1, kwargs2 = _split_kwargs(kwargs, x1, x2)
+    kwargs1, kwargs2 = split_kwargs(kwargs, x1, x2)
     if x2 is None:
         kwargs2 = kwargs1
     fx1 = output_shapes(f, x1, kwargs1, params)
     fx2 = fx1 if x2 is None else output_shapes(f, x2, kwargs2, params)
     _check_outputs(fx1, fx2, axes)
-    if vmap is not None:
+    if vmap == AUTO:
+        from entk.algorithms.batch_independence import auto_vmap_axes
+
+        vmap = auto_vmap_axes(f, x1, x2, params, kwargs1, kwargs2)
+    elif vmap is not None:
         _check_batch_independent(f, x1, params, kwargs1, vmap)
-    return _Call(x1, x2, kwargs1, kwargs2, fx1, fx2)
+        if x2 is not None:
+            _check_batch_independent(f, x2, params, kwargs2, vmap)
+    return _Call(x1, x2, kwargs1, kwargs2, fx1, fx2, vmap)
 
 
 def _path(keypath) -> str:
@@ -284,85 +315,13 @@ def _check_outputs(fx1: PyTree, fx2: PyTree, axes: KernelAxes) -> None:
                         f"or drop axis {axis} from {name}).")
 
 
-def _split_kwargs(kwargs: dict, x1: PyTree, x2: PyTree | None) -> tuple[dict, dict]:
-    kwargs1, kwargs2 = {}, {}
-    for k, v in kwargs.items():
-        if k == "rng" and v is not None:
-            kwargs1[k] = v
-            kwargs2[k] = v if x2 is None or _equal_inputs(x1, x2) else jax.random.fold_in(v, 1)
-        elif isinstance(v, tuple) and len(v) == 2:
-            kwargs1[k], kwargs2[k] = v
-        else:
-            kwargs1[k] = kwargs2[k] = v
-    return kwargs1, kwargs2
-
-
-def _is_concrete(tree: PyTree) -> bool:
-    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(tree))
-
-
-def _equal_inputs(x1: PyTree, x2: PyTree) -> bool:
-    """x1 == x2 by value, when that can be known without tracing (then they share an rng key)."""
-    if not (_is_concrete(x1) and _is_concrete(x2)):
-        return False
-    l1, l2 = jax.tree_util.tree_leaves(x1), jax.tree_util.tree_leaves(x2)
-    return len(l1) == len(l2) and all(
-        np.shape(a) == np.shape(b) and np.array_equal(np.asarray(a), np.asarray(b))
-        for a, b in zip(l1, l2))
-
-
-_INDEPENDENCE_CHECKED: set = set()
-
-
 def _check_batch_independent(f, x, params, kwargs, vmap: VmapAxes) -> None:
-    """Refuses `vmap_axes` for a model whose outputs mix examples (checked once per f and shapes).
+    """Refuses `vmap_axes` for a model whose outputs mix examples, eagerly and under tracing alike.
 
-    Changes example 0 of the batch (to a copy of example 1) and checks that no other example's
-    output moved. Skipped under tracing (e.g. inside `jax.jit`), where values are unknown.
+    A structural proof over `f`'s jaxpr, plus a numerical probe (whole batch vs one example at a
+    time) when values are concrete; both cached per function and shapes. See
+    `entk.algorithms.batch_independence`.
     """
-    if not (_is_concrete(x) and _is_concrete(params) and _is_concrete(kwargs)):
-        return
-    in_axes = vmap.input_axes(x)
-    sizes = {jnp.shape(leaf)[a] for leaf, a in zip(jax.tree_util.tree_leaves(x),
-                                                   jax.tree_util.tree_leaves(in_axes))}
-    key = (id(f), str(jax.tree_util.tree_map(jnp.shape, (x, kwargs))), str(vmap))
-    if len(sizes) != 1 or min(sizes) < 2 or key in _INDEPENDENCE_CHECKED:
-        return
-    kw_axes = vmap.kwarg_axes(kwargs)
+    from entk.algorithms import batch_independence
 
-    def replace_first(leaf, axis):
-        leaf = jnp.asarray(leaf)
-        return jnp.concatenate([jax.lax.slice_in_dim(leaf, 1, 2, axis=axis),
-                                jax.lax.slice_in_dim(leaf, 1, None, axis=axis)], axis=axis)
-
-    x_changed = jax.tree_util.tree_map(replace_first, x, in_axes)
-    kw_changed = {k: v if kw_axes[k] is None else jax.tree_util.tree_map(replace_first, v, kw_axes[k])
-                  for k, v in kwargs.items()}
-    out = f(params, x, **kwargs)
-    out_changed = f(params, x_changed, **kw_changed)
-    out_axes = vmap.output_axes(out)
-    n = sizes.pop()
-    for (path, a), b, axis in zip(jax.tree_util.tree_leaves_with_path(out),
-                                  jax.tree_util.tree_leaves(out_changed),
-                                  jax.tree_util.tree_leaves(out_axes)):
-        if a.shape[axis] != n:
-            raise ValueError(f"vmap_axes={_describe(vmap)}: the output{_path(path) if path else ''} "
-                             f"has size {a.shape[axis]} on its batch axis {axis}, but the input batch "
-                             f"has {n} examples. Give the right output axis in vmap_axes.")
-        rest_a = np.asarray(jax.lax.slice_in_dim(a, 1, None, axis=axis))
-        rest_b = np.asarray(jax.lax.slice_in_dim(b, 1, None, axis=axis))
-        scale = max(float(np.max(np.abs(rest_a))), 1e-30) if rest_a.size else 1.0
-        diff = float(np.max(np.abs(rest_a - rest_b))) if rest_a.size else 0.0
-        tolerance = 1e-4 if a.dtype == jnp.float32 or a.dtype == jnp.bfloat16 else 1e-9
-        if diff > tolerance * scale:
-            raise ValueError(
-                f"vmap_axes={_describe(vmap)} says f treats examples independently, but changing "
-                f"example 0 of x1 changed the output{_path(path) if path else ''} of other examples "
-                f"(max change {diff:.3g}). The model couples examples along the batch (e.g. "
-                f"BatchNorm in training mode, or attention/normalisation across the batch). "
-                f"Use vmap_axes=None.")
-    _INDEPENDENCE_CHECKED.add(key)
-
-
-def _describe(vmap: VmapAxes) -> str:
-    return f"({vmap.in_axes!r}, {vmap.out_axes!r}, {vmap.kwargs_axes!r})"
+    batch_independence.check(f, x, params, kwargs, vmap)

@@ -148,6 +148,10 @@ def _center(m: np.ndarray, n: int) -> np.ndarray:
 
 
 def _frobenius_cosine(a: np.ndarray, b: np.ndarray, what: str) -> float:
+    # The cosine does not depend on scale: dividing each matrix by its largest entry first keeps the
+    # norms and the inner product from overflowing (a diverging network's kernel passes 1e154).
+    a, b = (m / top if np.isfinite(top := np.max(np.abs(m), initial=0.0)) and top > 0 else m
+            for m in (a, b))
     na, nb = np.linalg.norm(a), np.linalg.norm(b)
     if na == 0 or nb == 0:
         raise ValueError(f"{what} is undefined: a matrix has zero Frobenius norm (an all-zero kernel, "

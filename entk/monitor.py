@@ -249,7 +249,8 @@ class NTKMonitor:
         if self.initial_kernel is None:
             self.initial_kernel = k
         row["distance_from_init"] = metrics.kernel_distance(self.initial_kernel, k)
-        if self._previous is None or self._previous[0] == self.steps:
+        no_previous = self._previous is None or self._previous[0] == self.steps
+        if no_previous:
             row["distance_from_previous"] = row["velocity"] = math.nan
         else:
             previous_step, previous = self._previous
@@ -263,6 +264,7 @@ class NTKMonitor:
         row["condition_number"] = (float(values[0] / values[-1]) if values[-1] > 0 else math.inf)
         row["effective_rank"] = metrics._entropy_rank(values)
         self._previous = (self.steps, k)
+        self._check_finite(row, k, no_previous)
         return self._append(row, k)
 
     def _append(self, row: dict, k: np.ndarray) -> dict:
@@ -273,13 +275,32 @@ class NTKMonitor:
 
     def _non_finite(self, row: dict) -> dict:
         """A record of NaNs for a kernel with NaN/inf entries (training diverged); warns once."""
-        if not self._warned_non_finite:
-            warnings.warn(f"NTKMonitor: the probe kernel at step {self.steps} has NaN or inf entries "
-                          f"(the training diverged or overflowed); its record holds NaNs.",
-                          RuntimeWarning, stacklevel=4)
-            self._warned_non_finite = True
+        self._warn_once(f"NTKMonitor: the probe kernel at step {self.steps} (record "
+                        f"{len(self.history)}) has NaN or inf entries (the training diverged or "
+                        f"overflowed); its record holds NaNs.")
         fields = [f for f in FIELDS if f != "step" and (self._y is not None or "alignment" not in f)]
         return {**row, **{f: math.nan for f in fields}}
+
+    def _check_finite(self, row: dict, k: np.ndarray, no_previous: bool) -> None:
+        """Warns once when a finite kernel still gives non-finite diagnostics (entries so large, as
+        training diverges, that the metrics overflow). NaN `distance_from_previous` / `velocity`
+        without a previous record and an infinite condition number (λmin ≤ 0) are expected."""
+        expected = {"step", "condition_number"}
+        if no_previous:
+            expected |= {"distance_from_previous", "velocity"}
+        bad = [name for name, value in row.items()
+               if name not in expected and not math.isfinite(value)]
+        if bad:
+            self._warn_once(f"NTKMonitor: the record at step {self.steps} (record "
+                            f"{len(self.history)}) has non-finite {', '.join(bad)}: the probe kernel's "
+                            f"entries reach {float(np.max(np.abs(k))):.3g} (the training is "
+                            f"diverging?).")
+
+    def _warn_once(self, message: str) -> None:
+        """The first non-finite record of a run is reported (a RuntimeWarning); later ones are not."""
+        if not self._warned_non_finite:
+            warnings.warn(message, RuntimeWarning, stacklevel=5)
+            self._warned_non_finite = True
 
     # ------------------------------------------------------------------------------------------
 

@@ -8,11 +8,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # user's cache (~/.cache/entk), where `"auto"` would go on trusting it.
 os.environ.setdefault("ENTK_CACHE_DIR", tempfile.mkdtemp(prefix="entk-test-cache-"))
 
-try:  # Triton (torch.func pulls it in) must load before TensorFlow: both register LLVM options and
-    import triton  # noqa: F401,E402  the other order aborts the process.
-except ImportError:
-    pass
-
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)

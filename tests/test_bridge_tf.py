@@ -16,13 +16,6 @@ import pytest
 
 import entk
 
-# Triton (PyTorch's compiler) must load before TensorFlow: both register LLVM command-line options,
-# and TF-then-Triton aborts the process ("Option ... registered more than once").
-try:
-    import triton  # noqa: F401
-except ImportError:
-    pass
-
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -169,3 +170,32 @@ def test_cli_compare_writes_json_and_png(tmp_path, capsys):
     assert data["auto"] in {row["strategy"] for row in data["rows"]}
     assert png_path.read_bytes()[:4] == b"\x89PNG"
     assert "auto picks" in capsys.readouterr().out
+
+
+def _notes(error: BaseException) -> str:
+    return "\n".join(getattr(error, "__notes__", []))
+
+
+def test_auto_reports_the_models_shape_error_not_out_of_budget():
+    # A model expecting 6 features given 7 (the user's `--input-shape 7`), and a hard-coded reshape:
+    # every strategy fails to trace; auto re-raises the model's own error, not OutOfBudgetError.
+    params = {"w": jnp.ones((6, 5)), "v": jnp.ones((5, 2))}
+    x = jnp.ones((4, 7))
+
+    def mlp(p, x):
+        return jnp.tanh(x @ p["w"]) @ p["v"]
+
+    def reshaping(p, x):
+        return jnp.reshape(x, (x.shape[0], 2, 3)).sum(-1) @ p["v"][:2]
+
+    with pytest.raises(TypeError, match=r"contracting dimensions.*\(7,\) and \(6,\)") as info:
+        entk.compare(mlp, x, None, params, measure=False)
+    assert re.search(r"fails on x1 \(float\d+\[4,7\]\)", _notes(info.value)), _notes(info.value)
+    with pytest.raises(TypeError, match=r"cannot reshape array of shape \(4, 7\)") as info:
+        cost.select(reshaping, x, None, params, {}, NTK_KW, capabilities=CAPS)
+    assert "before any eNTK strategy runs" in _notes(info.value)
+    with pytest.raises(TypeError, match=r"cannot reshape array of shape \(4, 7\)"):
+        entk.empirical_ntk_fn(reshaping, implementation="auto")(x, None, params)
+    with pytest.raises(TypeError, match="contracting dimensions") as info:  # x2 checked too
+        cost.select(mlp, x[:, :6], x, params, {}, NTK_KW, capabilities=CAPS)
+    assert "fails on x2" in _notes(info.value)

@@ -232,22 +232,8 @@ def test_torch_tensors(traced_and_full):
         np.testing.assert_allclose(all_metrics(tk, torch.from_numpy(y)), expected, rtol=1e-12)
 
 
-def import_tensorflow():
-    """TensorFlow, imported after torch._dynamo when torch is installed.
-
-    Importing TF first and then torch._dynamo (which torch.export loads, and which imports triton)
-    aborts the process: both bundle LLVM and register the same command-line options. The other
-    order works, so a session that mixes them must load torch._dynamo first.
-    """
-    try:
-        import torch._dynamo  # noqa: F401
-    except ImportError:
-        pass
-    return pytest.importorskip("tensorflow")
-
-
 def test_tensorflow_tensors(traced_and_full):
-    tf = import_tensorflow()
+    tf = pytest.importorskip("tensorflow")
     for k, y in traced_and_full:
         np.testing.assert_allclose(all_metrics(tf.constant(k), tf.constant(y)), all_metrics(k, y),
                                    rtol=1e-12)

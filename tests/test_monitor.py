@@ -2,6 +2,7 @@
 
 import csv
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -182,8 +183,6 @@ def test_argument_errors():
 
 
 def test_keras_callback():
-    import torch._dynamo  # noqa: F401  (before TF: see test_metrics.import_tensorflow)
-
     keras = pytest.importorskip("keras")
     if keras.backend.backend() != "tensorflow":
         pytest.skip("the Keras test model is built for the TensorFlow backend")
@@ -207,3 +206,39 @@ def test_keras_callback():
         metrics.kernel_distance(before, after), abs=1e-6)
     assert callback.history[-1]["distance_from_init"] > 0
     assert callback.monitor._kernel_fn._cache_size() == 1
+
+
+# ---------------------------------------------------------------- diverging training
+
+
+def test_diverging_training_warns_once_and_keeps_records_correct(mlp):
+    """SGD far past the stability limit: the kernel's entries grow past 1e154 (where squaring them
+    overflows float64, so the metrics must not square them), then to inf and NaN. Finite kernels get
+    correct records; the first non-finite one is reported once, naming its step."""
+    net, x, y, probe_x, probe_y, initial = mlp
+    net.load_state_dict(initial)
+    optimizer = torch.optim.SGD(net.parameters(), lr=20.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monitor = NTKMonitor(net, probe_x, probe_y, every=5, keep_kernels=True)
+        for _ in range(70):
+            optimizer.zero_grad()
+            torch.mean((net(x) - y) ** 2).backward()
+            optimizer.step()
+            monitor.step(net)
+    ours = [w for w in caught if "NTKMonitor" in str(w.message)]
+    assert len(ours) == 1 and ours[0].category is RuntimeWarning, [str(w.message) for w in caught]
+    finite = [np.isfinite(k).all() for k in monitor.kernels]
+    first_bad = finite.index(False)
+    assert f"at step {monitor.history[first_bad]['step']} " in str(ours[0].message)
+    assert ours[0].filename == __file__  # points at the user's monitor.step call
+    huge = [i for i, ok in enumerate(finite) if ok and np.abs(monitor.kernels[i]).max() > 1e160]
+    assert huge, "the run passes through finite kernels whose squares overflow"
+    for i in huge:  # records of huge finite kernels: the metrics of the rescaled kernel (exact)
+        k, row = monitor.kernels[i], monitor.history[i]
+        scaled = k / np.abs(k).max()
+        assert row["distance_from_init"] == pytest.approx(
+            metrics.kernel_distance(monitor.kernels[0], scaled), abs=1e-12)
+        assert row["alignment"] == pytest.approx(metrics.kernel_alignment(scaled, probe_y.numpy()),
+                                                 rel=1e-9)
+    assert all(math.isnan(row["distance_from_init"]) for row in monitor.history[first_bad:])

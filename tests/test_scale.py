@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -203,6 +204,31 @@ def test_compute_kernel_in_memory_and_auto_tile(mlp, caplog):
     assert _tile_bytes(call.tile_function(), x1, x2, call.dynamic, b1, b2) <= budget
 
 
+def test_auto_tile_refuses_a_budget_no_tile_fits(mlp, caplog):
+    from entk.algorithms.cost import OutOfBudgetError
+    from entk.scale.calls import KernelCall
+    from entk.scale.tiling import _tile_bytes
+
+    _, params, x1, x2, ntk_fn, reference = mlp
+    call = KernelCall.with_params(ntk_fn, params, {})
+    one = _tile_bytes(call.tile_function(), x1, x2, call.dynamic, 1, 1)
+    # One example pair already exceeds the budget: an error, not 1 x 1 tiles that still exceed it.
+    with pytest.raises(OutOfBudgetError, match=r"smallest tile \(1 x 1 examples\) needs "
+                                               r"[0-9.e-]+ MiB .* more than memory_budget=.*"
+                                               r"Raise memory_budget.*give tile= explicitly"):
+        entk.compute_kernel(ntk_fn, x1, x2, params, progress=False, memory_budget=one - 1)
+    # Few examples (<= 8) whose whole kernel exceeds the budget: a smaller tile is chosen, not all.
+    few1, few2 = x1[:6], x2[:5]
+    budget = _tile_bytes(call.tile_function(), few1, few2, call.dynamic, 3, 3)
+    with caplog.at_level(logging.INFO, logger="entk.scale"):
+        out = entk.compute_kernel(ntk_fn, few1, few2, params, progress=False, memory_budget=budget)
+    assert_close(jnp.asarray(out), reference[:6, :5], rtol=1e-12, what="few examples, auto tile")
+    chosen = [r.getMessage() for r in caplog.records if "tile='auto'" in r.getMessage()][-1]
+    b1, b2 = (int(v) for v in chosen.split(": ")[1].split(" examples")[0].split(" x "))
+    assert (b1, b2) != (6, 5)
+    assert _tile_bytes(call.tile_function(), few1, few2, call.dynamic, b1, b2) <= budget
+
+
 def test_symmetric_computes_the_upper_tiles_and_mirrors_them(mlp, caplog):
     f, params, x1, x2, ntk_fn, _ = mlp
     reference = jax.jit(lambda a, p: brute_force_ntk(f, a, None, p))(x1, params)
@@ -243,6 +269,59 @@ def test_store_resume_recomputes_exactly_the_missing_tiles(mlp, tmp_path, caplog
                   for r in caplog.records if r.getMessage().startswith("tile ")]
     assert sorted(recomputed) == sorted(lost)
     np.testing.assert_array_equal(np.asarray(again), complete)
+
+
+def _chunk(store: str, i: int, j: int) -> str:
+    return os.path.join(store, "kernel", "c", str(i), str(j))
+
+
+def test_damaged_chunks_are_found_and_recomputed_never_returned(mlp, tmp_path, caplog):
+    _, params, x1, x2, ntk_fn, reference = mlp
+    store = str(tmp_path / "k.zarr")
+    complete = np.asarray(entk.compute_kernel(ntk_fn, x1, x2, params, store=store, tile=TILE,
+                                              progress=False))
+    assert_close(jnp.asarray(complete), reference, rtol=1e-12, what="stored kernel")
+    # The user's disk loses one chunk file, truncates another and flips bytes in a third, while
+    # every completion marker stays: the store claims 20 of 20 tiles done.
+    os.remove(_chunk(store, 1, 2))
+    with open(_chunk(store, 3, 0), "r+b") as fh:
+        fh.truncate(100)
+    with open(_chunk(store, 4, 1), "r+b") as fh:
+        fh.seek(16)
+        fh.write(b"\x00\x01\x02\x03\x04\x05\x06\x07")
+    assert _markers(store) == ALL_TILES
+    with caplog.at_level(logging.DEBUG, logger="entk.scale"), \
+            pytest.warns(RuntimeWarning, match="3 damaged tile") as caught:
+        again = entk.compute_kernel(ntk_fn, x1, x2, params, store=store, tile="auto",
+                                    progress=False)
+    message = str(caught[0].message)
+    for name in ("tile 1.2:", "tile 3.0:", "tile 4.1:"):
+        assert name in message, message
+    recomputed = [tuple(int(v) for v in r.getMessage().split()[1].split("."))
+                  for r in caplog.records if r.getMessage().startswith("tile ")]
+    assert sorted(recomputed) == [(1, 2), (3, 0), (4, 1)]
+    np.testing.assert_array_equal(np.asarray(again), complete)
+    assert_close(jnp.asarray(np.asarray(again)), reference, rtol=1e-12, what="resumed kernel")
+    assert _markers(store) == ALL_TILES
+    # Now intact: a further resume computes nothing and warns of nothing.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(
+            np.asarray(entk.compute_kernel(ntk_fn, x1, x2, params, store=store, progress=False)),
+            complete)
+
+
+def test_damaged_mirror_chunk_of_a_symmetric_store_is_recomputed(mlp, tmp_path):
+    _, params, x1, _, ntk_fn, _ = mlp
+    store = str(tmp_path / "sym.zarr")
+    complete = np.asarray(entk.compute_kernel(ntk_fn, x1, None, params, store=store, tile=TILE,
+                                              symmetric=True, progress=False))
+    os.remove(_chunk(store, 3, 1))  # the lower-triangle copy of tile 1.3
+    with pytest.warns(RuntimeWarning, match="tile 1.3: the mirrored chunk"):
+        again = entk.compute_kernel(ntk_fn, x1, None, params, store=store, tile=TILE,
+                                    symmetric=True, progress=False)
+    np.testing.assert_array_equal(np.asarray(again), complete)
+    assert not np.isnan(np.asarray(again)).any()
 
 
 def test_store_refuses_another_kernel(mlp, tmp_path):

@@ -416,3 +416,70 @@ def test_parameter_output_and_unused_parameter():
     j = [np.asarray(a) for a in jax.tree_util.tree_leaves(jac(flat))]
     assert_matches(kernel, [reduce_axes(np.tensordot(a, a, ([-1], [-1])), a.ndim - 1, (), ())
                             for a in j])
+
+
+def test_integer_constant_folding_matches_xla():
+    """Index arithmetic folded with NumPy while flattening equals XLA's result, wrap-around included."""
+    from entk.algorithms.structured.graph import eval_eqn, fold
+
+    big = np.int32(2**31 - 5)
+
+    def index_math(i, v):
+        j = jnp.clip(i * 3 - 1, 0, 5) + big  # wraps around in int32
+        k = jnp.where((i > 1) & ~(i == 4) | (i < 0), j, -i) ^ 3
+        grid = lax.broadcasted_iota(jnp.int32, (2, 3), 1) + jnp.maximum(i, 1)
+        w = jnp.concatenate([grid.T.reshape(-1), lax.rev(v, (0,))[1:3], lax.dynamic_slice(v, (i,), (2,))])
+        return (k, jnp.minimum(w, 7).astype(jnp.int16), (w != 2).astype(jnp.int32), grid[None, :, 1:],
+                lax.select_n(i % 2 == 0, v[:3], v[3:6]), jnp.squeeze(grid[:1], 0))
+
+    for i in (-3, 2, 4, 9):
+        v = jnp.arange(7, dtype=jnp.int32) * 5 - 11
+        closed = jax.make_jaxpr(index_math)(jnp.int32(i), v)
+        env = dict(zip(closed.jaxpr.invars, [np.int32(i), np.asarray(v)]))
+        env.update(zip(closed.jaxpr.constvars, closed.consts))
+        numpy_folded = set()
+        for eqn in closed.jaxpr.eqns:
+            invals = [a.val if isinstance(a, jax.extend.core.Literal) else env[a] for a in eqn.invars]
+            with jax.ensure_compile_time_eval():
+                reference = eval_eqn(eqn, invals)
+            got = fold(eqn, invals)
+            if isinstance(got[0], np.ndarray):
+                numpy_folded.add(eqn.primitive.name)
+            for g, r in zip(got, reference):
+                np.testing.assert_array_equal(np.asarray(g), np.asarray(r), err_msg=str(eqn))
+                assert np.asarray(g).dtype == np.asarray(r).dtype, eqn
+            env.update(zip(eqn.outvars, reference))
+        assert {"add", "mul", "sub", "and", "or", "not", "xor", "select_n", "iota", "concatenate",
+                "dynamic_slice", "convert_element_type", "transpose", "rev"} <= numpy_folded
+
+
+def test_views_bounds_and_overlaps_match_their_index_maps():
+    """The cheap summaries of parameter views (lazy whole-leaf maps, bounds, overlaps) against
+    brute force on the index maps themselves."""
+    from entk.algorithms.structured.views import analyze
+
+    params = {"a": jnp.ones((3, 4)), "b": jnp.ones((4,)), "c": jnp.ones((2, 3, 2))}
+
+    def f(p, x):
+        a, b, c = p["a"], p["b"], p["c"]
+        pieces = [x @ a.T, a @ x.T, a[:, ::2].sum() * x, b * x, jnp.broadcast_to(b, (2, 4)) * x,
+                  jnp.pad(b, (1, 0))[:4] * x, jnp.concatenate([b[:2], x[0, :2]]) * x[0],
+                  jnp.transpose(c, (2, 0, 1)).reshape(-1)[:4] * x,
+                  x[:, :3] @ jnp.swapaxes(c, 0, 2)[0]]
+        return sum(jnp.sum(jnp.asarray(q)) for q in pieces)
+
+    closed = jax.make_jaxpr(f)(params, jnp.ones((2, 4)))
+    views = [use.view for use in analyze(closed, 3).uses]
+    assert any(v.leaf_perm is not None for v in views) and any(v.leaf_perm is None for v in views)
+    for v in views:
+        idx = np.asarray(v.idx)
+        assert idx.shape == v.shape
+        touched = np.unique(idx[idx >= 0])
+        np.testing.assert_array_equal(v.flat_params, touched)
+        assert v.bounds == ((int(touched[0]), int(touched[-1])) if touched.size else (0, -1))
+        assert v.clean == bool(np.all(idx >= 0) and touched.size == idx.size)
+        for w in views:
+            other = np.asarray(w.idx)
+            assert v.overlaps(w) == bool(np.intersect1d(touched, other[other >= 0]).size)
+            if v.key == w.key:
+                np.testing.assert_array_equal(idx, other)

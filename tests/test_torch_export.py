@@ -14,7 +14,6 @@ model (module-scoped fixtures), static exports for the large networks.
 from __future__ import annotations
 
 import importlib.util
-import string
 import warnings
 
 import jax
@@ -28,6 +27,7 @@ nn = torch.nn
 import entk  # noqa: E402
 from entk.adapters.torch import ExportFallbackWarning, from_torch, to_jax, to_native  # noqa: E402
 from entk.adapters.torch import export as torch_export  # noqa: E402
+from tests.torch_reference import torch_func_ntk  # noqa: E402
 
 HAS_SD = importlib.util.find_spec("entk.algorithms.structured") is not None
 
@@ -303,46 +303,6 @@ NTK_CASES = {
 STRATEGIES = ("jc", "ntvp", "sd") if HAS_SD else ("jc", "ntvp")
 
 
-def torch_func_ntk(module: nn.Module, x1, x2) -> np.ndarray:
-    """The NTK with the last output axis traced, from torch.func: per-example Jacobians
-    (`vmap(jacrev)`, a loop of `jacrev` where vmap cannot batch the module) of every named
-    parameter, contracted by hand.
-
-    For outputs of shape (N, *S, C) the result is Θ[n, m, s1.., s2..] = Σ_p Σ_c J1 J2 / C with the
-    free axes interleaved (N1, N2, S1_1, S2_1, ...) as entk lays them out.
-    """
-    params = {k: v.detach() for k, v in module.named_parameters()}
-    buffers = {k: v.detach() for k, v in module.named_buffers()}
-
-    def single(p, x):
-        return torch.func.functional_call(module, (p, buffers), (x[None],))[0]
-
-    def jac(x):
-        try:
-            return torch.func.vmap(torch.func.jacrev(single), in_dims=(None, 0))(params, x)
-        except RuntimeError:  # ops torch.func.vmap cannot batch (cuDNN-style RNN kernels): loop
-            per_example = [torch.func.jacrev(single)(params, xi) for xi in x]
-            return {k: torch.stack([j[k] for j in per_example]) for k in params}
-
-    j1 = jac(x1)
-    j2 = j1 if x2 is None else jac(x2)
-    out_ndim = single(params, x1[0]).ndim  # per-example output dims, the last one traced
-    letters = iter(string.ascii_letters)
-    n, m, p = next(letters), next(letters), next(letters)
-    free1 = [next(letters) for _ in range(out_ndim - 1)]
-    free2 = [next(letters) for _ in range(out_ndim - 1)]
-    c = next(letters)
-    spec = (f"{n}{''.join(free1)}{c}{p},{m}{''.join(free2)}{c}{p}->{n}{m}"
-            + "".join(a + b for a, b in zip(free1, free2)))
-    total = 0
-    for name in params:
-        a = j1[name].reshape(j1[name].shape[:1 + out_ndim] + (-1,))
-        b = j2[name].reshape(j2[name].shape[:1 + out_ndim] + (-1,))
-        total = total + torch.einsum(spec, a, b)
-    channels = j1[next(iter(params))].shape[out_ndim]
-    return (total / channels).numpy()
-
-
 @pytest.fixture(scope="module")
 def ntk_problem():
     """name → (module, x1, x2, model, reference), built once per model."""
@@ -424,7 +384,8 @@ def test_entk_ntk_takes_and_returns_torch_tensors_and_reuses_the_conversion(ntk_
         assert isinstance(kernel, torch.Tensor) and kernel.dtype == torch.float64
         np.testing.assert_allclose(kernel.numpy(), reference, rtol=0,
                                    atol=1e-10 * np.max(np.abs(reference)))
-    assert from_torch(module, x1, mode="export") is model
+    # the fixture's conversion, read again (a new Model holding the current weights)
+    assert from_torch(module, x1, mode="export").apply_with_state is model.apply_with_state
     assert exports == []  # converted by the fixture already: no export at all
 
 
@@ -457,7 +418,7 @@ def test_cache_refreshes_parameters_without_exporting_again(cnn, monkeypatch):
     first = from_torch(module, x, mode="export")
     monkeypatch.setattr(torch_export, "export_module",
                         lambda *a, **k: pytest.fail("exported again"))
-    assert from_torch(module, x, mode="export") is first
+    assert from_torch(module, x, mode="export").apply_with_state is first.apply_with_state
     with torch.no_grad():
         module.fc.weight.mul_(2.0)
     second = from_torch(module, x, mode="export")

@@ -8,6 +8,7 @@ only when an object of it shows up.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import weakref
 from typing import Any, Callable
@@ -48,18 +49,23 @@ def __getattr__(name: str) -> Any:
 _FUNCTION_MODELS: "weakref.WeakKeyDictionary[Callable, Model]" = weakref.WeakKeyDictionary()
 
 
-def to_model(model: Any, example_input: Any, *, params: PyTree = None) -> Model:
+def to_model(model: Any, example_input: Any, *, params: PyTree = None, live: bool = False) -> Model:
     """Whatever the user holds, as an `entk.Model`.
 
     Accepts an `entk.Model`; a PyTorch module; a Keras model or `tf.function`; a Flax module paired with
     its variables, `(module, variables)`; or a plain `f(params, x)` when `params` is given.
+    `live=True` lets the model's arrays alias the framework's tensors where the adapter can (torch,
+    through DLPack): for one computation that finishes before the caller returns (`entk.ntk`).
     """
     if isinstance(model, Model):
         return model
     framework = _framework_of(model)
     if framework is not None:
         module_name, converter = _FRAMEWORKS[framework]
-        return getattr(importlib.import_module(module_name), converter)(model, example_input)
+        adapter = importlib.import_module(module_name)
+        if live and hasattr(adapter, "live_model"):
+            return adapter.live_model(model, example_input)
+        return getattr(adapter, converter)(model, example_input)
     if isinstance(model, tuple) and len(model) == 2 and "flax" in _packages_of(model[0]):
         from entk.adapters.flax import from_flax
         return from_flax(*model)
@@ -74,6 +80,56 @@ def to_model(model: Any, example_input: Any, *, params: PyTree = None) -> Model:
     raise TypeError(f"entk cannot use a {type(model).__module__}.{type(model).__name__} as a model; "
                     f"pass an entk.Model, a torch.nn.Module, a Keras model, a (flax_module, variables) "
                     f"pair, or a function f(params, x) with params=...")
+
+
+def precision_scope(model: Any, *arrays: Any) -> contextlib.AbstractContextManager:
+    """A context computing in 64 bits when `model` or `arrays` hold float64 and JAX runs 32-bit.
+
+    "Float64 in means float64 computed": a float64 torch module or Keras model, or float64 NumPy /
+    torch / TF inputs, turn on JAX's 64-bit mode for entk's own computation only
+    (`jax.enable_x64(True)`, thread-local; jit caches keep the two precisions apart). Otherwise, and
+    when 64-bit mode is on already, nothing changes (plain JAX float32 arrays stay float32).
+
+    Raises:
+      RuntimeError: 64-bit computation is needed but this JAX has no `jax.enable_x64` context; the
+        message says to turn 64-bit mode on globally.
+    """
+    if jax.config.x64_enabled or not (_model_has_float64(model)
+                                      or any(_is_wide(leaf) for leaf in _leaves(arrays))):
+        return contextlib.nullcontext()
+    enable = getattr(jax, "enable_x64", None)
+    if enable is None:
+        raise RuntimeError(
+            "The model or its inputs are float64, but JAX runs in 32-bit mode and this JAX version "
+            "has no jax.enable_x64 context to compute in float64 for this call only. Call "
+            "jax.config.update('jax_enable_x64', True) at the start of the program (or cast model "
+            "and inputs to float32).")
+    return enable(True)
+
+
+def _leaves(tree: Any) -> list:
+    return jax.tree_util.tree_leaves(tree)
+
+
+def _is_wide(leaf: Any) -> bool:
+    """Whether an array of any framework (NumPy, torch, TF) is float64 or complex128."""
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None:
+        return False
+    name = str(getattr(dtype, "name", None) or dtype).removeprefix("torch.")
+    return name in ("float64", "complex128", "double", "cdouble")
+
+
+def _model_has_float64(model: Any) -> bool:
+    if isinstance(model, Model):
+        return any(_is_wide(leaf) for leaf in _leaves((model.params, model.state)))
+    framework = _framework_of(model)
+    if framework is not None:
+        adapter = importlib.import_module(_FRAMEWORKS[framework][0])
+        return bool(getattr(adapter, "has_float64", lambda _: False)(model))
+    if isinstance(model, tuple) and len(model) == 2 and "flax" in _packages_of(model[0]):
+        return any(_is_wide(leaf) for leaf in _leaves(model[1]))
+    return False
 
 
 def array_converters(example: Any) -> tuple[Callable[[Any], jax.Array], Callable[[jax.Array, Any], Any]]:

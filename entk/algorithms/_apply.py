@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from entk.algorithms.axes import VmapAxes
 
@@ -63,3 +64,32 @@ def batch_axes_of_output(f: Callable[..., PyTree], x: PyTree, kwargs: dict, para
 
 def param_count(params: PyTree) -> int:
     return sum(int(jnp.size(p)) for p in jax.tree_util.tree_leaves(params))
+
+
+def split_kwargs(kwargs: dict, x1: PyTree, x2: PyTree | None) -> tuple[dict, dict]:
+    """`(kwargs for f(x1), kwargs for f(x2))`, neural-tangents' rules: an `rng` key is shared when x2 is
+    None or equals x1, else x2 gets `random.fold_in(rng, 1)`; a 2-tuple gives one value to each side."""
+    kwargs1, kwargs2 = {}, {}
+    for k, v in kwargs.items():
+        if k == "rng" and v is not None:
+            kwargs1[k] = v
+            kwargs2[k] = v if x2 is None or equal_inputs(x1, x2) else jax.random.fold_in(v, 1)
+        elif isinstance(v, tuple) and len(v) == 2:
+            kwargs1[k], kwargs2[k] = v
+        else:
+            kwargs1[k] = kwargs2[k] = v
+    return kwargs1, kwargs2
+
+
+def is_concrete(tree: PyTree) -> bool:
+    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def equal_inputs(x1: PyTree, x2: PyTree) -> bool:
+    """x1 == x2 by value, when that can be known without tracing (then they share an rng key)."""
+    if not (is_concrete(x1) and is_concrete(x2)):
+        return False
+    l1, l2 = jax.tree_util.tree_leaves(x1), jax.tree_util.tree_leaves(x2)
+    return len(l1) == len(l2) and all(
+        np.shape(a) == np.shape(b) and np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(l1, l2))

@@ -172,8 +172,8 @@ class VmapAxes:
             kw_axes = {}
         for leaf in jax.tree_util.tree_leaves((in_axes, out_axes, kw_axes)):
             if not isinstance(leaf, int) or isinstance(leaf, bool):
-                raise TypeError(f"vmap_axes={vmap_axes!r} must hold ints (an int, or a triple "
-                                f"(in_axes, out_axes, kwargs_axes) of int pytrees).")
+                raise TypeError(f"vmap_axes={vmap_axes!r} must be None, \"auto\", an int, or a triple "
+                                f"(in_axes, out_axes, kwargs_axes) of int pytrees.")
         return cls(in_axes, out_axes, kw_axes)
 
     def input_axes(self, x: PyTree) -> PyTree:

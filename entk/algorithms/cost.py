@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from entk.algorithms import Strategy, concrete_strategies
+from entk.algorithms._apply import split_kwargs
 
 PyTree = Any
 
@@ -330,6 +331,7 @@ def select(f: Callable, x1: PyTree, x2: PyTree | None, params: PyTree, kwargs: d
     if key in _DECISIONS and estimates_out is None:
         return _DECISIONS[key]
 
+    check_model_traces(f, x1, x2, params, kwargs)
     cal = calibration()
     estimates = []
     for strategy in candidates:
@@ -338,16 +340,22 @@ def select(f: Callable, x1: PyTree, x2: PyTree | None, params: PyTree, kwargs: d
         except Exception as error:  # noqa: BLE001 - a strategy that cannot trace is not a candidate
             estimates.append(Estimate(strategy, math.inf, math.inf, math.inf, math.inf))
             estimates[-1].compiled = error
+    failed = [e for e in estimates if isinstance(e.compiled, Exception)]
+    if len(failed) == len(estimates):
+        _raise_first_failure(failed)
     by_prediction = sorted(estimates, key=lambda e: e.predicted_s)
     choice = _first_fitting(by_prediction, budget)
     if estimates_out is not None:
         estimates_out.extend(estimates)
     if choice is None:
-        smallest = min(estimates, key=lambda e: e.peak_bytes)
+        smallest = min((e for e in estimates if e not in failed), key=lambda e: e.peak_bytes)
+        untraced = "".join(f" {e.strategy.short_name} could not be traced "
+                           f"({error_summary(e.compiled)})." for e in failed)
         raise OutOfBudgetError(
             f"No strategy fits memory_budget={budget / 2**20:.1f} MiB (smallest need: "
-            f"{smallest.strategy.short_name} ≈ {smallest.peak_bytes / 2**20:.1f} MiB). Compute the "
-            f"kernel in tiles with entk.batch / entk.compute_kernel, or raise memory_budget.")
+            f"{smallest.strategy.short_name} ≈ {smallest.peak_bytes / 2**20:.1f} MiB).{untraced} "
+            f"Compute the kernel in tiles with entk.batch / entk.compute_kernel, or raise "
+            f"memory_budget.")
     if choice.predicted_s <= MEASURE_UNDER_S:
         close = [est for est in by_prediction[by_prediction.index(choice) + 1:]
                  if est.predicted_s <= MEASURE_WITHIN * choice.predicted_s]
@@ -362,6 +370,50 @@ def select(f: Callable, x1: PyTree, x2: PyTree | None, params: PyTree, kwargs: d
                 pass           # which the lowered program takes as extra inputs: keep the prediction
     _DECISIONS[key] = choice.strategy
     return choice.strategy
+
+
+def error_summary(error: BaseException) -> str:
+    """`TypeName: first line of the message`, for one-line reports of an exception."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def _describe(tree: PyTree) -> str:
+    """Shapes and dtypes of a pytree of arrays, e.g. `float32[4,7]`, for error messages."""
+    parts = [f"{jnp.result_type(leaf)}{list(jnp.shape(leaf))}".replace(" ", "")
+             for leaf in jax.tree_util.tree_leaves(tree)]
+    return parts[0] if len(parts) == 1 else "(" + ", ".join(parts) + ")"
+
+
+def check_model_traces(f: Callable, x1: PyTree, x2: PyTree | None, params: PyTree,
+                       kwargs: dict) -> None:
+    """Traces the forward pass `f(params, x, **kwargs)` on x1 and x2 (shapes only, nothing is run).
+
+    A shape or dtype mistake in the model or its inputs (a hard-coded reshape, inputs of the wrong
+    width) makes every strategy fail to trace; it is reported here as the model's own error, before
+    memory is considered, rather than as "no strategy fits the memory budget".
+    """
+    for name, x, side_kwargs in zip(("x1", "x2"), (x1, x2), split_kwargs(kwargs, x1, x2)):
+        if x is None:
+            continue
+        array_kwargs, static_kwargs = _split_static(side_kwargs)
+        try:
+            jax.eval_shape(lambda p, a, kw: f(p, a, **kw, **static_kwargs),
+                           _shape_struct(params), _shape_struct(x), _shape_struct(array_kwargs))
+        except Exception as error:  # noqa: BLE001 - re-raised as is, with a note on where
+            error.add_note(f"entk: the model itself fails on {name} ({_describe(x)}), before any "
+                           f"eNTK strategy runs: check the input shape and dtype the model expects.")
+            raise
+
+
+def _raise_first_failure(failed: list[Estimate]) -> None:
+    """Every strategy failed to trace although the forward pass traces: re-raises the first error,
+    with a note listing each strategy's error."""
+    error = failed[0].compiled
+    error.add_note("entk: no eNTK strategy could be traced on this model and input: "
+                   + "; ".join(f"{e.strategy.short_name}: {error_summary(e.compiled)}"
+                               for e in failed))
+    raise error
 
 
 def _first_fitting(by_prediction: list[Estimate], budget: int) -> Estimate | None:
@@ -407,12 +459,15 @@ def _time_call(est: Estimate, args: tuple, give_up_after: float) -> float:
         est.compiled = est.lowered.compile()
         est.compile_s = time.perf_counter() - start
     times = []
-    for _ in range(2 if est.predicted_s < 0.05 else 1):  # a long call needs no warm-up call
-        start = time.perf_counter()
-        jax.block_until_ready(est.compiled(*args))
-        times.append(time.perf_counter() - start)
-        if times[0] > 2 * give_up_after:
-            break
+    # Out of any enclosing trace (entk.ntk jits the whole call): a bridged model's host callback must
+    # see concrete arrays, not the tracers of the jit being traced.
+    with jax.core.eval_context():
+        for _ in range(2 if est.predicted_s < 0.05 else 1):  # a long call needs no warm-up call
+            start = time.perf_counter()
+            jax.block_until_ready(est.compiled(*args))
+            times.append(time.perf_counter() - start)
+            if times[0] > 2 * give_up_after:
+                break
     est.measured_s = min(times)
     return est.measured_s
 

@@ -135,7 +135,11 @@ def example_count(x: PyTree, name: str) -> int:
     if len(set(sizes.values())) != 1:
         raise ValueError(f"The leaves of {name} have different numbers of examples on axis 0: "
                          f"{sizes}; every leaf must hold the same examples.")
-    return next(iter(sizes.values()))
+    n = next(iter(sizes.values()))
+    if n == 0:
+        raise ValueError(f"{name} holds no examples (axis 0 has size 0); a kernel needs at least "
+                         f"one example on each side.")
+    return n
 
 
 def to_host(x: PyTree) -> PyTree:

@@ -56,14 +56,18 @@ def compute_kernel(kernel_fn: KernelFn, x1: PyTree, x2: PyTree | None, params: P
       store: a directory for a zarr kernel store. Each finished tile is written there atomically; a
         rerun with the same store computes only the missing tiles; a store holding another kernel
         (other inputs, parameters, model, axes, tile size, dtype) is refused with
-        `entk.scale.StoreMismatchError`. Required under `jax.distributed` with several processes:
-        every process computes its share of the tiles into it.
+        `entk.scale.StoreMismatchError`. Every stored tile is checked against the checksum in its
+        completion marker before it is used; a damaged one (chunk file deleted, truncated or
+        altered) is named in a `RuntimeWarning` and recomputed. Required under `jax.distributed`
+        with several processes: every process computes its share of the tiles into it.
       tile: `"auto"` (the largest tile the memory budget allows, from XLA's memory analysis of the
         compiled tile; a resumed store keeps its tile size), an int (square tiles) or `(rows, cols)`.
       progress: show a tqdm bar (tiles done, tiles/s, ETA).
       devices: local devices to spread tiles over (default: all of this process's devices).
       memory_budget: bytes a tile may use per device for `tile="auto"` (default: half the free
-        memory, split between CPU devices sharing the host).
+        memory, split between CPU devices sharing the host). If even a 1 x 1 tile needs more,
+        `entk.algorithms.cost.OutOfBudgetError` says how much it needs (no tile is chosen that
+        exceeds the budget).
       fingerprint: any JSON-able value stored with the kernel and checked on resume (e.g. a dataset
         version), on top of the automatic checks.
       symmetric: with `x2=None`, compute only the tiles on and above the diagonal and fill the ones
@@ -146,6 +150,9 @@ class _InMemory:
     def done(self) -> set:
         return set()
 
+    def verify(self, tiles: Any) -> set:
+        return set()
+
     def write(self, tile: tiling.Tile, leaves: list[np.ndarray], info: dict) -> None:
         region, mirror = self.grid.region(tile), self.grid.mirror(tile)
         for array, leaf in zip(self.arrays, leaves):
@@ -192,26 +199,39 @@ def _compute(call: KernelCall, x1: PyTree, x2: PyTree | None, *, tile: Any, stor
         target = KernelStore.open(store, fp, layout, grid)
     every = grid.tiles()
     mine = every[process::processes]  # round-robin share of this process
-    done = target.done()
+    done = target.verify(mine)  # damaged stored tiles are reported and recomputed, never returned
     todo = [t for t in mine if t not in done]
     where = f" (process {process} of {processes})" if processes > 1 else ""
     log.info("kernel %s in %d tiles of %d x %d on %d device(s)%s: %d to compute, %d already stored.",
              tuple(layout.full_shapes(n1, n2)[0][:2]), len(every), b1, b2, len(devices), where,
              len(todo), len(mine) - len(todo))
     bar = _progress_bar(progress, len(mine), len(mine) - len(todo), "kernel tiles" + where)
-    try:
-        if todo:
+    runner = None
+
+    def run(tiles: list) -> None:
+        nonlocal runner
+        if runner is None:
             padded1, padded2 = grid.padded
             runner = sharding.TileRunner(call, layout, grid, tiling.pad_examples(x1, padded1),
                                          tiling.pad_examples(x2, padded2), devices)
-            for t, leaves, seconds in runner.run(todo):
-                target.write(t, leaves, {"process": process, "seconds": seconds})
-                log.debug("tile %s computed and stored in %s (%.3f s)", grid.name(t), target.path,
-                          seconds)
-                if bar is not None:
-                    bar.update(1)
+        for t, leaves, seconds in runner.run(tiles):
+            target.write(t, leaves, {"process": process, "seconds": seconds})
+            log.debug("tile %s computed and stored in %s (%.3f s)", grid.name(t), target.path,
+                      seconds)
+            if bar is not None:
+                bar.update(1)
+
+    try:
+        if todo:
+            run(todo)
         if processes > 1:
             _wait_for_others(target, every, bar)
+            # The other processes' tiles are verified too; a damaged one is recomputed here.
+            others = sorted(set(every) - set(mine))
+            intact = target.verify(others)
+            damaged = [t for t in others if t not in intact]
+            if damaged:
+                run(damaged)
     finally:
         if bar is not None:
             bar.close()

@@ -7,13 +7,19 @@ Layout of a store at `PATH`:
                              "nngp", "ntk", ... for a pytree), chunk = one tile, uncompressed,
                              fill value NaN (an absent tile reads as NaN)
     PATH/tiles_done/<i>.<j>  completion marker of tile (i, j) ("<i>" on a diagonal), written after
-                             every leaf's chunk of that tile
+                             every leaf's chunk of that tile; JSON holding the SHA-256 of each
+                             leaf's values as written ("checksums"), the writing process and time
 
 A tile counts as finished only when its marker exists, and the marker is written (temporary file,
-then `os.replace`) only after its chunks are. A process killed at any moment therefore leaves every
-tile either complete or absent, and a rerun recomputes exactly the tiles without a marker (zarr's own
-chunk writes are also write-then-rename). Survives killed processes; power loss is not covered (no
-fsync).
+then `os.replace`) only after its chunks are written and read back intact. A process killed at any
+moment therefore leaves every tile either complete or absent, and a rerun recomputes exactly the
+tiles without a marker (zarr's own chunk writes are also write-then-rename). Survives killed
+processes; power loss is not covered (no fsync).
+
+Stored tiles are verified before they are used: a marker's checksums are compared with the values
+its chunks hold now (`KernelStore.verify`), so a chunk file that was deleted (it would read as the
+NaN fill value), truncated or overwritten is found, reported with a warning naming the tile, and the
+tile is recomputed rather than returned.
 
 The store is created in a temporary directory beside `PATH` and renamed into place, so processes
 racing to create it (under `jax.distributed`) end up sharing one, and a half-created store never
@@ -30,8 +36,9 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
@@ -44,14 +51,37 @@ PyTree = Any
 ATTRIBUTE = "entk_kernel"
 DONE_DIR = "tiles_done"
 FORMAT = 1
+# Damaged tiles a warning names one by one (the rest are counted).
+MAX_LISTED = 10
 
 
 class StoreMismatchError(ValueError):
     """The store at the given path holds another kernel than the one asked for."""
 
 
+class StoreIntegrityError(OSError):
+    """A tile just written does not read back as written (the filesystem lost or altered it)."""
+
+
+def tile_checksums(leaves: list[np.ndarray]) -> list[str]:
+    """SHA-256 of each leaf's values (C order, with dtype and shape), as stored in a tile's marker."""
+    sums = []
+    for leaf in leaves:
+        digest = hashlib.sha256()
+        _add_array(digest, leaf)
+        sums.append(digest.hexdigest())
+    return sums
+
+
 # ----------------------------------------------------------------------------------------------
 # Fingerprint
+
+
+def _add_array(digest: Any, leaf: Any) -> None:
+    """Feeds an array's dtype, shape and values (C order) to a hashlib digest."""
+    a = np.ascontiguousarray(np.asarray(leaf))
+    digest.update(f"{a.dtype.str}{a.shape}".encode())
+    digest.update(a.tobytes())
 
 
 def _hash_arrays(tree: PyTree) -> str:
@@ -59,9 +89,7 @@ def _hash_arrays(tree: PyTree) -> str:
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     digest.update(str(treedef).encode())
     for leaf in leaves:
-        a = np.ascontiguousarray(np.asarray(leaf))
-        digest.update(f"{a.dtype.str}{a.shape}".encode())
-        digest.update(a.tobytes())
+        _add_array(digest, leaf)
     return digest.hexdigest()
 
 
@@ -259,17 +287,78 @@ class KernelStore:
         return tiles
 
     def write(self, tile: Tile, leaves: list[np.ndarray], info: dict) -> None:
-        """Writes every leaf's chunk of `tile`, then its completion marker (JSON `info`)."""
+        """Writes every leaf's chunk of `tile`, reads them back, then writes its completion marker
+        (JSON `info` plus the leaves' `checksums`).
+
+        Raises:
+          StoreIntegrityError: the chunks do not read back as written.
+        """
         region = self.grid.region(tile)
         mirror = self.grid.mirror(tile)
         for array, leaf in zip(self.arrays, leaves):
             array[region] = leaf
             if mirror is not None:
                 array[mirror] = leaf.T
+        checksums = tile_checksums(leaves)
+        problem = self._check(tile, checksums)
+        if problem is not None:
+            raise StoreIntegrityError(
+                f"Tile {self.grid.name(tile)} of the kernel store {os.fspath(self.path)!r} does not "
+                f"read back as written: {problem}. Check the filesystem (full disk? another process "
+                f"writing there?) and rerun.")
         name = self.grid.name(tile)
         temporary = self.done_dir / f".{name}.{uuid.uuid4().hex}"
-        temporary.write_text(json.dumps(info))
+        temporary.write_text(json.dumps({**info, "checksums": checksums}))
         os.replace(temporary, self.done_dir / name)
+
+    def _check(self, tile: Tile, checksums: Any) -> str | None:
+        """Why the stored chunks of `tile` do not hold the values whose `checksums` are given, or
+        `None` if they do (the mirrored copy of a symmetric tile included)."""
+        if not isinstance(checksums, list) or len(checksums) != len(self.arrays):
+            return "its completion marker holds no checksums (written by an older entk)"
+        region, mirror = self.grid.region(tile), self.grid.mirror(tile)
+        try:
+            for array, expected in zip(self.arrays, checksums):
+                if tile_checksums([array[region]]) != [expected]:
+                    return f"the chunk of {array.name.strip('/')!r} holds other values than were " \
+                           f"written (chunk file deleted, truncated or overwritten)"
+                if mirror is not None and tile_checksums([np.asarray(array[mirror]).T]) != [expected]:
+                    return f"the mirrored chunk of {array.name.strip('/')!r} holds other values " \
+                           f"than were written (chunk file deleted, truncated or overwritten)"
+        except Exception as e:  # noqa: BLE001 - zarr/codec errors on a damaged chunk file
+            from entk.algorithms.cost import error_summary
+
+            return f"its chunk cannot be read ({error_summary(e)})"
+        return None
+
+    def verify(self, tiles: Iterable[Tile]) -> set[Tile]:
+        """The tiles among `tiles` whose marker exists and whose chunks hold what the marker's
+        checksums say. Any other tile with a marker (its chunk file deleted, truncated or altered,
+        or its marker unreadable) loses the marker and is named in a `RuntimeWarning`, so that it is
+        recomputed rather than returned."""
+        good, bad = set(), []
+        for tile in sorted(set(tiles) & self.done()):
+            marker = self.done_dir / self.grid.name(tile)
+            try:
+                checksums = json.loads(marker.read_text()).get("checksums")
+                problem = self._check(tile, checksums)
+            except (OSError, ValueError, AttributeError) as e:
+                problem = "its completion marker cannot be read"
+            if problem is None:
+                good.add(tile)
+                continue
+            bad.append(f"tile {self.grid.name(tile)}: {problem}")
+            try:
+                os.remove(marker)
+            except FileNotFoundError:
+                pass
+        if bad:
+            listed = "\n".join(f"- {line}" for line in bad[:MAX_LISTED])
+            more = f"\n- ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+            warnings.warn(f"The kernel store {os.fspath(self.path)!r} holds {len(bad)} damaged "
+                          f"tile(s); they are recomputed, not returned:\n{listed}{more}",
+                          RuntimeWarning, stacklevel=4)
+        return good
 
     def result(self) -> PyTree:
         """The zarr arrays, in the structure of the kernel function's output."""

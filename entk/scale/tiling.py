@@ -9,6 +9,8 @@ or trip input checks) and the padded rows / columns of the kernel are dropped.
 per-device memory budget, then checks that size by compiling it (shrinking if it does not fit). This
 is the compiler's own byte count for the real tile function (any kernel function, analytic ones
 included); the free memory comes from the cost model (`entk.algorithms.cost.device_free_bytes`).
+When even a 1 x 1 tile exceeds the budget, `entk.algorithms.cost.OutOfBudgetError` says so (a tile
+that does not fit is never chosen silently).
 """
 
 from __future__ import annotations
@@ -186,6 +188,19 @@ def _tile_bytes(tile_fn: Callable, x1: PyTree, x2: PyTree, dynamic: list, b1: in
                + stats.output_size_in_bytes)
 
 
+def _raise_no_tile_fits(used: int, budget: int, fixed: int) -> None:
+    """`tile="auto"` cannot honour the budget: even one example pair needs more."""
+    from entk.algorithms.cost import OutOfBudgetError
+
+    raise OutOfBudgetError(
+        f"tile='auto': the smallest tile (1 x 1 examples) needs {used / 2**20:.3g} MiB by the "
+        f"compiler's estimate ({fixed / 2**20:.3g} MiB of it the kernel's parameters and other array "
+        f"arguments), more than memory_budget={budget / 2**20:.3g} MiB per device. Raise "
+        f"memory_budget; or make the kernel cheaper (another implementation=, trace_axes= to "
+        f"average output axes, vmap_axes= for a model that treats examples independently); or "
+        f"give tile= explicitly (it is used as given, whatever the budget).")
+
+
 def auto_tile(tile_fn: Callable, x1: PyTree, x2: PyTree, dynamic: list, n1: int, n2: int,
               kind: str, budget: int) -> tuple[int, int]:
     """The largest (square, evenly split) tile whose compiled footprint fits `budget` bytes."""
@@ -203,9 +218,9 @@ def auto_tile(tile_fn: Callable, x1: PyTree, x2: PyTree, dynamic: list, n1: int,
     small = min(8, n)
     try:
         y_small = footprint(small) - fixed
-        if small == n:
+        if small == n and y_small + fixed <= budget:
             return normalize_tile(n, n1, n2, kind)
-        y_big = footprint(2 * small) - fixed
+        y_big = footprint(2 * small) - fixed if small < n else 2 * y_small  # (linear if no probe)
     except NotImplementedError:
         log.warning("No compiler memory analysis on %s; using tile=256.", jax.default_backend())
         return normalize_tile(256, n1, n2, kind)
@@ -219,15 +234,17 @@ def auto_tile(tile_fn: Callable, x1: PyTree, x2: PyTree, dynamic: list, n1: int,
     b = (room / alpha if gamma == 0 else
          (-alpha + math.sqrt(alpha * alpha + 4 * gamma * room)) / (2 * gamma))
     b = int(max(1, min(b, n, MAX_AUTO_TILE)))
-    for _ in range(4):
+    while True:
         if kind == GRID:
             b1, b2 = min(even_split(n1, b), n1), min(even_split(n2, b), n2)
         else:
             b1 = b2 = even_split(n, b)
         used = footprint(b1, b2)
-        if used <= budget or b == 1:
+        if used <= budget:
             break
-        b = max(1, int(b * math.sqrt(budget / used) * 0.9))
+        if b == 1:
+            _raise_no_tile_fits(used, budget, fixed)
+        b = max(1, min(b - 1, int(b * math.sqrt(budget / used) * 0.9)))
     log.info("tile='auto': %d x %d examples (compiler estimate %.3g GB, budget %.3g GB per device).",
              b1, b2, used / 1e9, budget / 1e9)
     return b1, b2

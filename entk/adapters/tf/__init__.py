@@ -39,7 +39,8 @@ import numpy as np
 from entk.adapters.tf.export import to_tf
 from entk.model import Model
 
-__all__ = ["from_tf", "to_tf", "is_model", "is_tensor", "to_jax", "to_native", "import_tensorflow"]
+__all__ = ["from_tf", "to_tf", "is_model", "is_tensor", "to_jax", "to_native", "import_tensorflow",
+           "has_float64"]
 
 PyTree = Any
 
@@ -61,10 +62,7 @@ def import_tensorflow() -> types.ModuleType:
         os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        try:  # Triton (pulled in by torch.func) must load before TensorFlow: both register LLVM
-            import triton  # noqa: F401  options, and loading them the other way round aborts.
-        except ImportError:
-            pass
+        # Never Triton here (loading it after TensorFlow crashes): entk.adapters._llvm_guard.
         import tensorflow as tf
 
         try:
@@ -113,6 +111,16 @@ def to_native(array: Any, like: Any) -> Any:
     return array
 
 
+def has_float64(model_or_fn: Any) -> bool:
+    """Whether a Keras model / `tf.Module` holds float64 or complex128 variables (then `entk.ntk`
+    computes in 64 bits). A `tf.function`'s variables are unknown until traced: its inputs decide."""
+    variables = getattr(model_or_fn, "variables", None)
+    if not isinstance(variables, (list, tuple)):
+        return False
+    return any(np.dtype(getattr(v.dtype, "as_numpy_dtype", v.dtype)) in (np.float64, np.complex128)
+               for v in variables)
+
+
 # ----------------------------------------------------------------------------------------------
 # from_tf
 
@@ -135,7 +143,9 @@ def from_tf(model_or_fn: Any, example_input: PyTree, mode: str = "auto", *,
       An `entk.Model`: `params` are the trainable variables (a dict keyed by Keras path such as
       `"dense/kernel"`, or by `tf.Variable` name), `state` the non-trainable ones (BatchNorm
       statistics); the model runs in inference mode (`training=False`). Converting the same model
-      again reuses its translations and, if its variables did not change, returns the same object.
+      again reuses its translations and, if its variables did not change, returns the same object;
+      changed variables are read into it. If a plain attribute of a Keras layer changed (a number,
+      string or flag its `call` may read, which tracing baked in), the model is converted again.
 
     Raises:
       ValueError: the Keras model is not built yet, a trainable variable is not floating-point, or
@@ -165,11 +175,15 @@ def from_tf(model_or_fn: Any, example_input: PyTree, mode: str = "auto", *,
     if cache is None:
         return _convert(model_or_fn, example_input, mode, check).current()
     # One conversion serves every input shape (translations are made per shape on first use, the
-    # bridge takes any shape); the input's structure is part of the key.
-    key = (mode, jax.tree_util.tree_structure(example_input, is_leaf=is_tensor))
+    # bridge takes any shape); the input's structure is part of the key, and so is JAX's 64-bit
+    # mode (arrays and translations made in one precision are not reused in the other).
+    precision = bool(jax.config.x64_enabled)
+    key = (mode, precision, jax.tree_util.tree_structure(example_input, is_leaf=is_tensor))
+    if cache.get("guard", None) != _keras_guard(model_or_fn):
+        cache.clear()  # a plain attribute the traced Python read has changed: convert again
     entry = cache.get(key)
     if entry is None:
-        first = cache.get(mode)  # the first conversion of this model in this mode
+        first = cache.get((mode, precision))  # the first conversion of this model in this mode
         if first is not None and first.read is not None:
             entry = first  # a translation handles any input structure too
         elif first is not None:
@@ -177,8 +191,37 @@ def from_tf(model_or_fn: Any, example_input: PyTree, mode: str = "auto", *,
         else:
             entry = _convert(model_or_fn, example_input, mode, check)
         cache[key] = entry
-        cache.setdefault(mode, entry)
+        cache.setdefault((mode, precision), entry)
+        cache["guard"] = _keras_guard(model_or_fn)  # taken after converting (which calls it)
     return entry.current()
+
+
+_GUARDED_ATOMS = frozenset({type(None), bool, int, float, complex, str})
+
+
+def _keras_guard(model_or_fn: Any) -> tuple | None:
+    """The plain attributes (numbers, strings, flags, tuples of them) of every layer of a Keras model.
+
+    tf2jax translates, and the bridge's `tf.function` traces, the model's Python once, so a layer's
+    `self.scale = 3.0` read in `call` is baked into the conversion like a constant; variables are
+    read at every call instead (`_Entry.current`). A change here converts the model again. Keras's
+    own trackable bookkeeping (`_self_*`) is left out. None for a `tf.function` / plain function,
+    whose Python state (closures, globals) entk cannot see.
+    """
+    if _keras_backend(model_or_fn) != "tensorflow":
+        return None
+    out: list = []
+    for layer in model_or_fn._flatten_layers(include_self=True, recursive=True):
+        out.append((type(layer), id(layer)))
+        for key, value in vars(layer).items():
+            if key.startswith("_self_"):
+                continue
+            kind = type(value)
+            if kind in _GUARDED_ATOMS:
+                out.append((key, value))
+            elif kind in (tuple, list) and all(type(v) in _GUARDED_ATOMS for v in value):
+                out.append((key, kind, tuple(value)))
+    return tuple(out)
 
 
 @dataclasses.dataclass

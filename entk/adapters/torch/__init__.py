@@ -12,8 +12,12 @@ Two ways to see a `torch.nn.Module` from JAX:
 a translation, or a model `torch.export` cannot capture).
 
 This module also provides the hooks `entk.ntk` uses for torch tensors in / torch tensors out:
-`is_model`, `is_tensor`, `to_jax`, `to_native`. Conversions are cached per module, so calling
-`entk.ntk(module, x1, x2)` repeatedly exports the module once.
+`is_model`, `is_tensor`, `to_jax`, `to_native`, `live_model`, `has_float64`. A converted module is
+never stale: conversions are cached per module, but the parameter, buffer and constant values are
+read at every call (`entk.ntk` aliases them, without copying), and everything a translation
+baked in (dtypes, shapes, submodules, plain attributes `forward` reads, ...) is guarded
+(`guards.py`): when it changes, the module is converted again. So `entk.ntk(module, x1, x2)` called
+repeatedly exports the module once, and again only after such a change.
 """
 
 from __future__ import annotations
@@ -26,12 +30,15 @@ from typing import Any
 import jax
 import numpy as np
 
+from entk.adapters._llvm_guard import prepare_torch
 from entk.model import ALL_STRATEGIES, Model
+
+prepare_torch()  # Triton loaded now or never, before torch.export / torch.func can load it after TF
 
 PyTree = Any
 
 __all__ = ["from_torch", "is_model", "is_tensor", "to_jax", "to_native", "ExportFallbackWarning",
-           "clear_cache", "linearize"]
+           "clear_cache", "linearize", "live_model", "has_float64"]
 
 _MODES = ("auto", "export", "bridge")
 
@@ -72,8 +79,9 @@ def to_jax(x: Any) -> Any:
 def to_native(array: Any, like: Any = None) -> Any:
     """A JAX array → a torch tensor on `like`'s device (a tensor, a module, or None for CPU).
 
-    A floating-point result takes `like`'s floating dtype when `like` is floating (float64 inputs
-    give a float64 kernel even if JAX computed in float32); otherwise the array's dtype is kept.
+    A floating-point result takes `like`'s floating dtype when `like` is floating; otherwise the
+    array's dtype is kept. (`entk.ntk` computes float64 inputs in float64, see
+    `entk.adapters.precision_scope`, so there this cast never dresses float32 work up as float64.)
     """
     import torch
 
@@ -105,13 +113,6 @@ def _input_signature(example_input: Any) -> tuple:
                                 if isinstance(t, torch.Tensor) else (repr(t),) for t in leaves)
 
 
-def _fingerprint(module: Any) -> tuple:
-    """Changes when a parameter or buffer is replaced, updated in place, or (un)frozen."""
-    tensors = list(module.named_parameters(remove_duplicate=False))
-    tensors += list(module.named_buffers(remove_duplicate=False))
-    return tuple((name, id(t), t._version, t.requires_grad) for name, t in tensors)
-
-
 def _as_torch_example(example_input: Any) -> Any:
     """NumPy / JAX arrays in `example_input` become torch tensors (torch.export needs tensors)."""
     import torch
@@ -131,10 +132,49 @@ def _as_torch_example(example_input: Any) -> Any:
 
 
 class _Converted:
-    """What the cache keeps for one (module, options, input signature)."""
+    """One cached conversion of a module: what was exported (None in bridge mode), the model built
+    then, the guard taken after converting (`guards.snapshot` and the objects it keeps alive), and
+    the tensors read at every call.
 
-    def __init__(self, exported: Any, model: Model, fingerprint: tuple):
-        self.exported, self.model, self.fingerprint = exported, model, fingerprint
+    `tensors` lists `(group, name, tensor)`: group `"params"` or a `state` key (`"frozen"`,
+    `"buffers"`, `"constants"`). The tensor objects stay valid while the guard holds (it records
+    their identities; `.data` assignments keep the object and are read through it).
+    """
+
+    def __init__(self, exported: Any, model: Model, guard: tuple[tuple, list], tensors: list):
+        self.exported, self.model, self.guard, self.tensors = exported, model, guard, tensors
+        self.groups = ("buffers", "frozen") + (() if exported is None else ("constants",))
+
+    def current(self, copy: bool) -> Model:
+        """The model with the module's current parameter, buffer and constant values.
+
+        `copy=False` aliases the tensors' memory (for one kernel computation that is waited for,
+        `entk.ntk`): CPU tensors as NumPy views, which a jitted function takes as arguments at a
+        fraction of the cost of one DLPack import per tensor (ResNet-18's 122 tensors: ~0.3 ms
+        against ~7-11 ms, `benchmarks/bench_torch_guards.py`), others through DLPack. `copy=True`
+        gives JAX arrays of their own (a model handed to the user, who may go on training the
+        module in place).
+        """
+        from entk.adapters.torch.graph_translation import tensor_to_jax
+
+        read = (lambda t: tensor_to_jax(t, copy=True)) if copy else _alias
+        params: dict = {}
+        state: dict = {group: {} for group in self.groups}
+        for group, name, tensor in self.tensors:
+            (params if group == "params" else state[group])[name] = read(tensor)
+        return self.model.replace(params=params, state=state)
+
+
+def _alias(t: Any) -> Any:
+    """A torch tensor's memory without a copy: a NumPy view on CPU (dtypes NumPy has), else DLPack."""
+    from entk.adapters.torch.graph_translation import tensor_to_jax
+
+    if t.device.type == "cpu":
+        try:
+            return t.detach().resolve_conj().resolve_neg().numpy()
+        except (TypeError, RuntimeError):  # bfloat16 and other dtypes NumPy lacks
+            pass
+    return tensor_to_jax(t, copy=False)
 
 
 # id(module) -> (module, {options: _Converted}), least recently used first. A converted model must
@@ -183,18 +223,53 @@ def from_torch(module: Any, example_input: Any, mode: str = "auto", *,
 
     Returns:
       An `entk.Model` with `source="torch"`, `params` a dict `{named_parameters() name: array}`
-      (torch's dtypes), `state = {"buffers": ..., "frozen": ..., "constants": ...}`, and `info`
-      saying which mode and train/eval setting were used. Converting the same module again with
-      inputs of the same structure/dtypes returns the cached model (refreshed if the module's
-      tensors changed), without exporting again; the last `CACHE_SIZE` modules are cached
-      (`clear_cache()` empties the cache).
+      (torch's dtypes; copies of the module's values now), `state = {"buffers": ..., "frozen": ...,
+      "constants": ...}`, and `info` saying which mode and train/eval setting were used.
+
+      Conversions are cached (the last `CACHE_SIZE` modules; `clear_cache()` empties the cache):
+      converting the same module again with inputs of the same structure/dtypes reads its current
+      values into the cached translation without exporting again, unless something the translation
+      baked in changed (dtypes, shapes, devices, `requires_grad`, submodules, hooks, plain attributes
+      forward reads, tensors held outside the registered ones: see `guards.py`); then it converts
+      the module again. A model returned earlier keeps the values it was returned with.
 
     Raises:
       UnsupportedOpsError / ExportError (in `mode="export"`): the ATen ops without a translation
         (with the module path and source line of each), or why torch.export failed (e.g.
         data-dependent control flow); both point to `mode="bridge"`.
+      ValueError: the module or input is float64 while JAX runs in 32-bit mode (it would compute in
+        float32); `entk.ntk` turns 64-bit mode on by itself, other uses need
+        `jax.config.update("jax_enable_x64", True)` (or `with jax.enable_x64(True):`).
     """
+    return _conversion(module, example_input, mode, include_frozen, training,
+                       batch_axis).current(copy=True)
+
+
+def live_model(module: Any, example_input: Any, mode: str = "auto") -> Model:
+    """`from_torch(module, example_input, mode)` whose arrays alias the module's tensors' memory.
+
+    For one kernel computation that completes before the module can change again (`entk.ntk`):
+    no copy of the weights is made, and whatever the module holds now (in-place or `.data` edits
+    included) is what is computed with.
+    """
+    return _conversion(module, example_input, mode, False, False, 0).current(copy=False)
+
+
+def has_float64(module: Any) -> bool:
+    """Whether a parameter or buffer of `module` is float64 / complex128 (the model computes in 64 bits)."""
     import torch
+
+    wide = (torch.float64, torch.complex128)
+    return any(t is not None and t.dtype in wide for m in module.modules()
+               for tensors in (m._parameters, m._buffers) for t in tensors.values())
+
+
+def _conversion(module: Any, example_input: Any, mode: str, include_frozen: bool, training: bool,
+                batch_axis: int | None) -> _Converted:
+    """The cached conversion for these options if its guard still holds, else a new one."""
+    import torch
+
+    from entk.adapters.torch import guards
 
     if mode not in _MODES:
         raise ValueError(f"mode={mode!r}; use one of {', '.join(repr(m) for m in _MODES)}.")
@@ -203,21 +278,44 @@ def from_torch(module: Any, example_input: Any, mode: str = "auto", *,
                         f"{type(module).__module__}.{type(module).__name__}; wrap a plain function "
                         f"in a Module whose forward calls it.")
     example_input = _as_torch_example(example_input)
-    options = (include_frozen, training, batch_axis, _input_signature(example_input))
+    options = (include_frozen, training, batch_axis, _input_signature(example_input),
+               bool(jax.config.x64_enabled))
     per_module = _module_cache(module)
-    fingerprint = _fingerprint(module)
+    guard = guards.snapshot(module)
     cached = _lookup(per_module, mode, options)
     if cached is not None:
         key, entry = cached
-        if entry.fingerprint == fingerprint:
-            return entry.model
-        model = entry.model.replace(**_tensors_of(module, entry.model, include_frozen))
-        per_module[key] = _Converted(entry.exported, model, fingerprint)
-        return model
-
+        if entry.guard[0] == guard:
+            return entry
+        del per_module[key]  # something baked into it changed: convert again
+    _check_precision(module, example_input)
     exported, model = _convert(module, example_input, mode, include_frozen, training, batch_axis)
-    per_module[(mode,) + options] = _Converted(exported, model, fingerprint)
-    return model
+    keep: list = []  # the objects the guard records by identity, kept alive with it
+    entry = _Converted(exported, model, (guards.snapshot(module, keep), keep),
+                       _tensor_slots(module, exported, model, include_frozen))
+    per_module[(mode,) + options] = entry
+    return entry
+
+
+def _check_precision(module: Any, example_input: Any) -> None:
+    """Refuses float64 models / inputs while JAX runs 32-bit (they would be computed in float32)."""
+    import torch
+
+    if jax.config.x64_enabled:
+        return
+    wide = (torch.float64, torch.complex128)
+    named = list(module.named_parameters()) + list(module.named_buffers())
+    leaves = torch.utils._pytree.tree_leaves(example_input)
+    culprit = next((f"parameter/buffer {name!r}" for name, t in named if t.dtype in wide), None)
+    culprit = culprit or next((f"the example input ({t.dtype})" for t in leaves
+                               if isinstance(t, torch.Tensor) and t.dtype in wide), None)
+    if culprit is not None:
+        raise ValueError(
+            f"entk.from_torch: {culprit} is float64, but JAX runs in 32-bit mode, so the model would "
+            f"silently be computed in float32. Enable 64-bit mode first, "
+            f"jax.config.update('jax_enable_x64', True) (or run the entk calls inside "
+            f"`with jax.enable_x64(True):`; entk.ntk does this by itself), or convert the module "
+            f"and inputs to float32 (module.float()).")
 
 
 def _lookup(per_module: dict, mode: str, options: tuple) -> tuple[tuple, _Converted] | None:
@@ -239,24 +337,26 @@ def _trainable(module: Any, include_frozen: bool) -> set[str]:
             if p.is_floating_point() and (p.requires_grad or include_frozen)}
 
 
-def _tensors_of(module: Any, model: Model, include_frozen: bool) -> dict:
-    """Fresh `params` and `state` read from the module (same names as the model's)."""
-    from entk.adapters.torch.export import tensor_to_jax
+def _tensor_slots(module: Any, exported: Any, model: Model, include_frozen: bool) -> list:
+    """`(group, name, tensor)` for every value the model reads: see `_Converted`.
 
-    if model.info.get("mode") != "export":
-        from entk.adapters.torch.bridge import bridge_model
-
-        fresh = bridge_model(module, model.info["example_input"], include_frozen=include_frozen)
-        return {"params": fresh.params, "state": fresh.state}
+    Lifted constants (tensors held outside the registered ones, e.g. a plain tensor attribute or
+    the weights of submodules in a Python list) are the exported program's own tensors, which alias
+    the module's storage: reading them at every call sees in-place edits, and the guard sees them
+    being replaced.
+    """
+    if exported is None:  # bridge mode: the names bridge_model chose
+        info = model.info
+        return ([("params", n, module.get_parameter(n)) for n in info["param_names"]]
+                + [("frozen", n, module.get_parameter(n)) for n in info["frozen_param_names"]]
+                + [("buffers", n, module.get_buffer(n)) for n in info["buffer_names"]])
     trainable = _trainable(module, include_frozen)
-    params, frozen = {}, {}
-    for name, p in module.named_parameters():
-        (params if name in trainable else frozen)[name] = tensor_to_jax(p, copy=True)
-    buffers = {name: tensor_to_jax(b, copy=True)
-               for name, b in module.named_buffers(remove_duplicate=False)}
-    constants = model.state.get("constants", {}) if isinstance(model.state, dict) else {}
-    return {"params": params,
-            "state": {"buffers": buffers, "frozen": frozen, "constants": constants}}
+    slots = [("params" if name in trainable else "frozen", name, p)
+             for name, p in module.named_parameters()]
+    slots += [("buffers", name, b) for name, b in module.named_buffers(remove_duplicate=False)]
+    constants = exported.program.constants.items()
+    slots += [("constants", name, c) for name, c in constants if is_tensor(c)]
+    return slots
 
 
 def _convert(module: Any, example_input: Any, mode: str, include_frozen: bool, training: bool,
@@ -270,10 +370,25 @@ def _convert(module: Any, example_input: Any, mode: str, include_frozen: bool, t
             if mode == "export" or isinstance(e, export.InputDtypeError):
                 raise
             reason = str(e).split("\nTo use this model")[0]
-            warnings.warn(f"entk.from_torch: export mode failed, using bridge mode (torch.func "
-                          f"callbacks; strategies 'jc' and 'ntvp' only). Reason: {reason}",
+            warnings.warn(f"entk.from_torch: {_fallback_headline(e)}; using bridge mode "
+                          f"(torch.func callbacks; strategies 'jc' and 'ntvp' only).\n"
+                          f"Details: {reason}",
                           ExportFallbackWarning, stacklevel=3)
     return None, _bridge_model(module, example_input, include_frozen, training)
+
+
+def _fallback_headline(error: Exception) -> str:
+    """The first line of the fall-back warning: the untranslated ops and where they are, else the
+    first line of the error (users often read only that line)."""
+    where = getattr(error, "where", None)
+    if where:
+        ops = []
+        for op, places in where.items():
+            more = f" and {len(places) - 1} more" if len(places) > 1 else ""
+            ops.append(f"{op} (at {places[0]}{more})")
+        return "no JAX translation for " + "; ".join(ops)
+    first = str(error).strip().split("\n", 1)[0]
+    return f"export mode failed: {first}"
 
 
 def _bridge_model(module: Any, example_input: Any, include_frozen: bool, training: bool) -> Model:
@@ -289,6 +404,10 @@ def _bridge_model(module: Any, example_input: Any, include_frozen: bool, trainin
     if isinstance(example_input, dict):
         raise TypeError("bridge mode takes a tensor or a tuple of tensors (positional inputs) as "
                         "example_input, not a dict; use mode='export' for keyword inputs.")
+    from entk.adapters.torch.autograd_semantics import refuse_old_style_functions
+
+    args = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+    refuse_old_style_functions(module, args)
     model = bridge_model(module, example_input, include_frozen=include_frozen)
     return model.replace(info={**model.info, "example_input": example_input, "training": False})
 
@@ -300,9 +419,9 @@ def _export_model(module: Any, example_input: Any, include_frozen: bool, trainin
     trainable = _trainable(module, include_frozen)
     exported = export.ExportedModule(module, example_input, training=training,
                                      batch_axis=batch_axis, trainable=trainable)
-    stub = Model(exported.apply_with_state, {}, {"constants": exported.constants()},
-                 info={"mode": "export"})
-    tensors = _tensors_of(module, stub, include_frozen)
+    stub = Model(exported.apply_with_state, {}, None, info={"mode": "export"})
+    values = _Converted(exported, stub, ((), []), _tensor_slots(module, exported, stub, include_frozen))
+    tensors = values.current(copy=True)
     has_batch_norm = any(isinstance(m, torch_batch_norm_types()) for m in module.modules())
     info = {
         "mode": "export",
@@ -310,16 +429,16 @@ def _export_model(module: Any, example_input: Any, include_frozen: bool, trainin
         "module": type(module).__name__,
         "training": training,
         "train_mode_batch_norm": bool(training and has_batch_norm),
-        "param_names": tuple(tensors["params"]),
-        "frozen_param_names": tuple(tensors["state"]["frozen"]),
-        "buffer_names": tuple(tensors["state"]["buffers"]),
+        "param_names": tuple(tensors.params),
+        "frozen_param_names": tuple(tensors.state["frozen"]),
+        "buffer_names": tuple(tensors.state["buffers"]),
         "input_layout": "as the PyTorch module (NCHW for images)",
         "dynamic_batch": exported.dynamic,
         "exported_program": exported.program,
         "ops": sorted({str(n.target) for n in exported.program.graph.nodes
                        if n.op == "call_function"}),
     }
-    model = Model(exported.apply_with_state, tensors["params"], tensors["state"], source="torch",
+    model = Model(exported.apply_with_state, tensors.params, tensors.state, source="torch",
                   capabilities=ALL_STRATEGIES, info=info)
     _trial_run(model, example_input)
     return exported, model

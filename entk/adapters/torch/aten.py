@@ -13,8 +13,9 @@ recorded for the node, so functions need not reproduce PyTorch's type-promotion 
 Where PyTorch defines a derivative at a non-differentiable point (ReLU at 0, clamp at its bounds), the
 translation picks the formulation whose JAX derivative agrees, so kernels match `torch.func` exactly.
 
-The ops themselves live in family modules (`aten_elementwise`, `aten_shape`, `aten_reduce`, `aten_nn`),
-imported by `lookup` on first use.
+The ops themselves live in family modules (`aten_elementwise`, `aten_shape`, `aten_strided`,
+`aten_reduce`, `aten_nn`), imported by `lookup` on first use. A translation with the attribute
+`wants_node = True` also receives its FX node as `node=` (to read the recorded strides of its inputs).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ _ATEN: dict[str, TranslationFn] = {}
 # Python callables that appear in exported graphs (operator.getitem, operator.mul on symbolic sizes).
 _PYTHON: dict[Any, TranslationFn] = {}
 
-_FAMILIES = ("aten_elementwise", "aten_shape", "aten_reduce", "aten_nn")
+_FAMILIES = ("aten_elementwise", "aten_shape", "aten_strided", "aten_reduce", "aten_nn")
 _loaded = False
 
 

@@ -340,10 +340,17 @@ def bitwise_not(self):
 # ---------------------------------------------------------------- copies and casts
 
 
-@register("clone", "alias", "alias_copy", "detach", "detach_copy", "lift_fresh_copy",
-          "lift_fresh", "contiguous", "positive", "_conj", "resolve_conj", "resolve_neg")
+@register("clone", "alias", "alias_copy", "lift_fresh_copy", "lift_fresh", "contiguous", "positive",
+          "_conj", "resolve_conj", "resolve_neg")
 def identity(self, *args, **kwargs):
     return self
+
+
+@register("detach", "detach_copy")
+def detach(self):
+    """`tensor.detach()`, and the outputs of `torch.no_grad()` blocks (see autograd_semantics.py):
+    PyTorch does not differentiate through them, so neither may JAX."""
+    return lax.stop_gradient(self)
 
 
 @register("_to_copy", "to.dtype", "to.dtype_layout", "to.device", "_to_dim_order_copy")

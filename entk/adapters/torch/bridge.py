@@ -109,13 +109,15 @@ class ForwardModeChoice:
                 self.method, self.reason = method, reason
 
     def probe(self, fn: Callable[..., tuple[torch.Tensor, ...]], primals: Sequence[torch.Tensor]) -> None:
-        """Tries `torch.func.jvp` on `fn` at `primals`; if torch lacks forward AD for an op, checks
-        the double VJP and switches to it.
+        """Tries `torch.func.jvp` on `fn` at `primals`, checks it against reverse mode, and switches to
+        the double VJP where forward mode is missing or disagrees.
 
-        The check matters: a backward pass that is not itself differentiable does not always raise
-        under `torch.func` — a custom `autograd.Function` whose backward is `@once_differentiable`
-        makes the double VJP silently zero. With `c` random and `t = Jᵀ c` from the plain VJP,
-        `<J t, c>` must equal `‖t‖²` (a sum of squares, so no cancellation hides an error).
+        The check matters: forward-mode AD ignores grad mode, so a `torch.no_grad()` block inside
+        `forward` is differentiated through by `torch.func.jvp` (reverse mode honours it); and a
+        backward pass that is not itself differentiable does not always raise under `torch.func` — a
+        custom `autograd.Function` whose backward is `@once_differentiable` makes the double VJP
+        silently zero. With `c` random and `t = Jᵀ c` from the plain VJP, `<J t, c>` must equal `‖t‖²`
+        (a sum of squares, so no cancellation hides an error).
         """
         try:
             outs, pullback = torch.func.vjp(fn, *primals)
@@ -124,9 +126,22 @@ class ForwardModeChoice:
         generator = torch.Generator().manual_seed(0)
         cotangents = tuple(torch.randn(o.shape, generator=generator, dtype=o.dtype) for o in outs)
         tangents = tuple(t.detach() for t in pullback(cotangents))
+        expected = sum(float((t.double() ** 2).sum()) for t in tangents)
+        eps = max(float(torch.finfo(o.dtype).eps) for o in outs)
+
+        def disagreement(jt: Sequence[torch.Tensor]) -> str:
+            got = sum(float((a.double() * c.double()).sum()) for a, c in zip(jt, cotangents))
+            if abs(got - expected) <= min(0.1, 10 * eps ** 0.5) * expected:
+                return ""
+            return f"<J Jᵀc, c> = {got:.6g}, ‖Jᵀc‖² = {expected:.6g}"
+
         try:
-            torch.func.jvp(fn, tuple(primals), tangents)
-            return
+            wrong = disagreement(torch.func.jvp(fn, tuple(primals), tangents)[1])
+            if not wrong:
+                return
+            reason = (f"forward-mode AD disagrees with reverse mode ({wrong}): an op's forward "
+                      f"derivative differs from its backward one (e.g. a torch.no_grad() block, which "
+                      f"forward-mode AD does not honour)")
         except RuntimeError as err:
             if not _forward_ad_unsupported(err):
                 return  # not a forward-AD gap; the first JVP raises it again where it is used
@@ -136,13 +151,11 @@ class ForwardModeChoice:
         except RuntimeError as err:
             self._set("unavailable", f"{reason}; the double VJP failed: {_first_line(err)}")
             return
-        expected = sum(float((t.double() ** 2).sum()) for t in tangents)
-        got = sum(float((a.double() * c.double()).sum()) for a, c in zip(jt, cotangents))
-        eps = max(float(torch.finfo(o.dtype).eps) for o in outs)
-        if abs(got - expected) > min(0.1, 10 * eps ** 0.5) * expected:  # expected = 0: J Jᵀc = 0
-            self._set("unavailable", f"{reason}; the double VJP disagrees with the VJP (<J Jᵀc, c> = "
-                                     f"{got:.6g}, ‖Jᵀc‖² = {expected:.6g}): the backward pass of an op "
-                                     f"is not differentiable (e.g. @once_differentiable)")
+        wrong = disagreement(jt)
+        if wrong:
+            self._set("unavailable", f"{reason}; the double VJP disagrees with the VJP ({wrong}): the "
+                                     f"backward pass of an op is not differentiable (e.g. "
+                                     f"@once_differentiable)")
             return
         self._set("double vjp", reason)
 

@@ -14,6 +14,11 @@ The graph's placeholders are mapped to the `entk.Model` pieces:
 - user inputs → `x`: a single tensor, a tuple of positional inputs, or a dict of keyword inputs,
   exactly as given in `example_input`, in PyTorch's layout (NCHW).
 
+PyTorch's autograd semantics are kept (`autograd_semantics.py`): `detach()` and the outputs of
+`torch.no_grad()` / `torch.inference_mode()` blocks become `jax.lax.stop_gradient`, and a module that
+applies a custom `torch.autograd.Function` is refused (`AutogradFunctionError`), since the export
+keeps only the Function's forward.
+
 The module is exported in eval mode unless asked otherwise, with the batch axis marked dynamic
 (`torch.export.Dim.AUTO`) so that one export serves every batch size ≥ 2; inputs whose shapes the
 export does not cover (batch 1, another sequence length) are exported again on first use, once per
@@ -34,7 +39,7 @@ import jax.numpy as jnp
 import torch
 from torch.utils import _pytree as torch_pytree
 
-from entk.adapters.torch import aten
+from entk.adapters.torch import aten, autograd_semantics
 from entk.adapters.torch.graph_translation import (  # noqa: F401 - the errors are re-exported here
     BRIDGE_HINT, GraphTranslation, TranslationError, UnsupportedOpsError, numpy_dtype, tensor_to_jax)
 
@@ -50,6 +55,14 @@ class ExportError(RuntimeError):
 
 class InputDtypeError(ExportError, TypeError):
     """The example input has the wrong dtype family (integers where the model needs floats)."""
+
+
+class AutogradFunctionError(ExportError, autograd_semantics.AutogradFunctionError):
+    """The model applies a custom `torch.autograd.Function` (or a grad-mode construct) whose
+    gradient export mode cannot keep; bridge mode runs it in PyTorch."""
+
+
+OldStyleAutogradFunctionError = autograd_semantics.OldStyleAutogradFunctionError
 
 
 # ---------------------------------------------------------------- exporting
@@ -147,11 +160,9 @@ def _quiet_torch_logs() -> Iterator[None]:
 
 
 def _decomposition_table() -> dict:
-    """The default core-ATen decompositions, except for ops translated whole (see `_KEEP`)."""
-    table = torch.export.default_decompositions()
-    for op in _KEEP:
-        table.pop(op, None)
-    return table
+    """The default core-ATen decompositions, except for ops translated whole (see `_KEEP`) and
+    `aten.detach` (a stop-gradient, see `autograd_semantics.py`)."""
+    return autograd_semantics.decomposition_table(_KEEP)
 
 
 # Ops kept whole: scaled_dot_product_attention's decomposition is slower and fails for some
@@ -173,14 +184,30 @@ def export_module(module: torch.nn.Module, args: tuple, kwargs: dict, *, trainin
         warnings.simplefilter("ignore")  # torch.export's advisory warnings are not the user's concern
         for shapes in attempts:
             try:
-                program = torch.export.export(module, args, kwargs, dynamic_shapes=shapes,
-                                              strict=False)
+                with autograd_semantics.export_context(module) as functions:
+                    program = torch.export.export(module, args, kwargs, dynamic_shapes=shapes,
+                                                  strict=False)
+            except Exception as e:  # noqa: BLE001 - every export failure is reported below
+                error = error or e
+                continue
+            _check_autograd(functions, program, type(module).__name__)
+            try:
                 return program.run_decompositions(_decomposition_table())
             except Exception as e:  # noqa: BLE001 - every export failure is reported below
                 error = error or e
     message = _describe_export_failure(module, args, kwargs, error)
     kind = InputDtypeError if message.startswith("example_input holds") else ExportError
     raise kind(message) from error
+
+
+def _check_autograd(functions: list, program: torch.export.ExportedProgram, name: str) -> None:
+    """Refuses custom autograd Functions; detaches the outputs of no-grad blocks and what
+    `t.detach_()` detached (see `autograd_semantics.py`)."""
+    try:
+        autograd_semantics.check_autograd_functions(functions, name)
+        autograd_semantics.detach_no_grad_outputs(program)
+    except autograd_semantics.AutogradFunctionError as e:
+        raise AutogradFunctionError(str(e)) from None
 
 
 # ---------------------------------------------------------------- placeholders

@@ -29,11 +29,16 @@ from entk.adapters.torch import aten
 
 
 class UnsupportedOpsError(NotImplementedError):
-    """The exported graph contains ATen ops with no JAX translation (all of them are listed)."""
+    """The exported graph contains ATen ops with no JAX translation (all of them are listed).
 
-    def __init__(self, message: str, ops: Sequence[str]):
+    `ops`: the op names; `where`: for each op, the places in the model it occurs (`node_location`).
+    """
+
+    def __init__(self, message: str, ops: Sequence[str],
+                 where: dict[str, Sequence[str]] | None = None):
         super().__init__(message)
         self.ops = tuple(ops)
+        self.where = {op: tuple(w) for op, w in (where or {}).items()}
 
 
 class TranslationError(RuntimeError):
@@ -156,7 +161,7 @@ class GraphTranslation:
         raise UnsupportedOpsError(
             f"Export mode cannot translate {module_name}: {len(by_op)} ATen op(s) have no JAX "
             f"translation:\n" + "\n".join(lines) + f"\nTo use this model, {BRIDGE_HINT}; or "
-            f"register a translation with entk.adapters.torch.aten.register.", list(by_op))
+            f"register a translation with entk.adapters.torch.aten.register.", list(by_op), by_op)
 
     def __call__(self, inputs: dict[str, Any]) -> list[Any]:
         env: dict[str, Any] = {}
@@ -178,7 +183,10 @@ class GraphTranslation:
         try:
             args = _materialize(node.args, env, node)
             kwargs = _materialize(node.kwargs, env, node)
-            out = self.fns[node.name](*args, **kwargs)
+            fn = self.fns[node.name]
+            if getattr(fn, "wants_node", False):  # reads the strides PyTorch recorded
+                kwargs = {**kwargs, "node": node}
+            out = fn(*args, **kwargs)
             return _match_meta(out, node.meta.get("val"))
         except (TranslationError, aten.ShapeAssertionError):
             raise

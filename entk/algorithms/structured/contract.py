@@ -18,12 +18,14 @@ ones are summed), free axes get one label per side; the result is in canonical o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import opt_einsum
 from jax import lax
 
 from entk.algorithms.axes import LeafAxes
@@ -72,7 +74,18 @@ def _einsum(operands: list[tuple[jax.Array, list]], out: list) -> jax.Array:
         args += [array, list(labels)]
     args.append(list(out))
     optimize = "optimal" if len(operands) <= 5 else "dp"
-    return jnp.einsum(*args, optimize=optimize, precision=lax.Precision.HIGHEST)
+    subscripts = (",".join("".join(map(opt_einsum.get_symbol, labels)) for _, labels in operands)
+                  + "->" + "".join(map(opt_einsum.get_symbol, out)))
+    path = _contraction_path(subscripts, tuple(tuple(a.shape) for a, _ in operands), optimize)
+    return jnp.einsum(*args, optimize=list(path), precision=lax.Precision.HIGHEST)
+
+
+@functools.lru_cache(maxsize=4096)
+def _contraction_path(subscripts: str, shapes: tuple, optimize: str) -> tuple:
+    """The contraction order `jnp.einsum(..., optimize=optimize)` would pick, searched once per
+    subscripts and shapes (the layers of a deep model repeat them; the search costs milliseconds)."""
+    path, _ = opt_einsum.contract_path(subscripts, *shapes, shapes=True, optimize=optimize)
+    return tuple(tuple(step) for step in path)
 
 
 class _Counter:
@@ -152,7 +165,7 @@ class LeafContraction:
                 ops.append(self._one_hot(ids, labels, v, plan.v_fine[v_labels.index(v)], dtype))
             j = _einsum(ops, self.lead[s] + v_labels)
             n_lead = len(self.lead[s])
-            self._materialized[key] = j.reshape(j.shape[:n_lead] + group.view.idx.shape)
+            self._materialized[key] = j.reshape(j.shape[:n_lead] + group.view.shape)
         return self._materialized[key]
 
     # -- pairs ---------------------------------------------------------------------------------
@@ -185,7 +198,7 @@ class LeafContraction:
             return labels, labels
         if (v1.leaf_perm is not None and v2.leaf_perm is not None
                 and v1.leaf_perm[0] == v2.leaf_perm[0]
-                and p1.v_fine == v1.idx.shape and p2.v_fine == v2.idx.shape):
+                and p1.v_fine == v1.shape and p2.v_fine == v2.shape):
             leaf_labels = [self.new() for _ in v1.leaf_perm[1]]
             return ([leaf_labels[d] for d in v1.leaf_perm[1]],
                     [leaf_labels[d] for d in v2.leaf_perm[1]])

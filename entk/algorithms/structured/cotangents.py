@@ -48,7 +48,7 @@ def plan_uses(side: Side, analysis: Analysis) -> tuple[list[PlannedUse], dict[st
     planned, fallbacks = [], {}
     for use in analysis.uses:
         if use.eqn is None:
-            shape = tuple(use.view.idx.shape)
+            shape = use.view.shape
             planned.append(PlannedUse(use, IDENTITY_RULE, IDENTITY_RULE.plan_for_shape(shape)))
             continue
         eqn = eqns[use.eqn]

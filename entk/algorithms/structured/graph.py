@@ -29,7 +29,7 @@ from jax.extend import core as jex
 
 from entk.algorithms.axes import VmapAxes
 
-from .views import VIEW_PRIMITIVES, is_float
+from .views import INDEX_FNS, VIEW_PRIMITIVES, is_float
 
 PyTree = Any
 
@@ -92,13 +92,9 @@ def build_side(f: Callable[..., PyTree], x: PyTree, kwargs: dict, params: PyTree
     """Traces `f` on `(x, kwargs)` into a flat jaxpr with the parameter leaves as leading inputs."""
     param_leaves, param_tree = jax.tree_util.tree_flatten(params)
     n_params = len(param_leaves)
-    full_out = jax.eval_shape(lambda p: f(p, x, **kwargs), params)
-    out_leaves, out_tree = jax.tree_util.tree_flatten(full_out)
-
     leaves, treedef, is_arr = _split_arrays((x, kwargs))
     if vmap_axes is None:
         axes: list = [None] * len(leaves)
-        out_axes = None
     else:
         x_axes = jax.tree_util.tree_leaves(vmap_axes.input_axes(x))
         kw_axes = vmap_axes.kwarg_axes(kwargs)
@@ -109,13 +105,17 @@ def build_side(f: Callable[..., PyTree], x: PyTree, kwargs: dict, params: PyTree
                      else [None] * n)
         if len(axes) != len(leaves):
             raise ValueError("vmap_axes does not match the structure of x and the keyword arguments.")
-        out_axes = jax.tree_util.tree_leaves(vmap_axes.output_axes(full_out))
     args = [l for l, a in zip(leaves, is_arr) if a]
     arg_axes = [ax for ax, a in zip(axes, is_arr) if a]
     for leaf, ax, a in zip(leaves, axes, is_arr):
         if ax is not None and not a:
             raise TypeError(f"vmap_axes maps over a non-array input leaf {leaf!r}; only arrays can "
                             f"carry a batch axis.")
+    batch = [np.shape(a)[ax] for a, ax in zip(args, arg_axes) if ax is not None]
+    if vmap_axes is not None and not batch:  # nothing mapped: fall back to the full problem
+        return build_side(f, x, kwargs, params, None, unroll_limit)
+
+    out: dict = {}  # f's output structure and batch axes, found while tracing (no separate trace)
 
     def g(*flat: Any) -> list:
         p = param_tree.unflatten(flat[:n_params])
@@ -128,9 +128,12 @@ def build_side(f: Callable[..., PyTree], x: PyTree, kwargs: dict, params: PyTree
             value = next(it)
             full.append(value if ax is None else jnp.expand_dims(value, ax))
         xx, kw = treedef.unflatten(full)
-        outs = out_tree.flatten_up_to(f(p, xx, **kw))
-        if out_axes is not None:
-            outs = [jnp.squeeze(o, a) for o, a in zip(outs, out_axes)]
+        result = f(p, xx, **kw)
+        outs, out["tree"] = jax.tree_util.tree_flatten(result)
+        out["axes"] = None
+        if vmap_axes is not None:
+            out["axes"] = jax.tree_util.tree_leaves(vmap_axes.output_axes(result))
+            outs = [jnp.squeeze(o, a) for o, a in zip(outs, out["axes"])]
         return outs
 
     def aval(a: Any, ax: int | None) -> jax.ShapeDtypeStruct:
@@ -142,9 +145,13 @@ def build_side(f: Callable[..., PyTree], x: PyTree, kwargs: dict, params: PyTree
     in_avals = ([jax.ShapeDtypeStruct(np.shape(p), jnp.result_type(p)) for p in param_leaves]
                 + [aval(a, ax) for a, ax in zip(args, arg_axes)])
     traced = jax.make_jaxpr(g)(*in_avals)
+    out_avals = [v.aval for v in traced.jaxpr.outvars]
+    out_shapes = [tuple(o.shape) for o in out_avals]
+    if out["axes"] is not None:  # per example -> whole batch: the batch axis put back
+        out_shapes = [s[:a] + (batch[0],) + s[a:] for s, a in zip(out_shapes, out["axes"])]
     flat = flatten(traced, n_params, unroll_limit)
-    return Side(flat, n_params, args, arg_axes, [tuple(o.shape) for o in out_leaves],
-                [o.dtype for o in out_leaves], out_axes, out_tree)
+    return Side(flat, n_params, args, arg_axes, out_shapes, [o.dtype for o in out_avals],
+                out["axes"], out["tree"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,6 +180,51 @@ def _foldable(eqn: jex.JaxprEqn, invals: Sequence[Any]) -> bool:
         if not (jnp.issubdtype(aval.dtype, jnp.integer) or aval.dtype == jnp.bool_):
             return False
     return True
+
+
+def _iota(eqn: jex.JaxprEqn, ops: list) -> np.ndarray:
+    p = eqn.params
+    shape, dim = tuple(p["shape"]), p["dimension"]
+    ramp = np.arange(shape[dim]).reshape([-1 if d == dim else 1 for d in range(len(shape))])
+    return np.broadcast_to(ramp, shape)
+
+
+def _select_n(eqn: jex.JaxprEqn, ops: list) -> np.ndarray:
+    which, cases = ops[0], np.broadcast_arrays(*ops[1:])
+    return np.choose(np.asarray(which, dtype=np.intp), cases)
+
+
+# Integer/boolean primitives evaluated with NumPy when folded (same results as XLA for these); any other
+# foldable primitive is evaluated by JAX, at the cost of compiling a tiny program for it.
+_NUMPY_FOLDS: dict[str, Callable[[jex.JaxprEqn, list], Any]] = {
+    "add": lambda e, o: np.add(*o), "sub": lambda e, o: np.subtract(*o),
+    "mul": lambda e, o: np.multiply(*o), "neg": lambda e, o: np.negative(o[0]),
+    "max": lambda e, o: np.maximum(*o), "min": lambda e, o: np.minimum(*o),
+    "lt": lambda e, o: np.less(*o), "le": lambda e, o: np.less_equal(*o),
+    "gt": lambda e, o: np.greater(*o), "ge": lambda e, o: np.greater_equal(*o),
+    "eq": lambda e, o: np.equal(*o), "ne": lambda e, o: np.not_equal(*o),
+    "and": lambda e, o: np.bitwise_and(*o), "or": lambda e, o: np.bitwise_or(*o),
+    "xor": lambda e, o: np.bitwise_xor(*o), "not": lambda e, o: np.invert(o[0]),
+    "clamp": lambda e, o: np.minimum(np.maximum(o[1], o[0]), o[2]),
+    "convert_element_type": lambda e, o: o[0],
+    "select_n": _select_n, "iota": _iota,
+    **{name: fn for name, fn in INDEX_FNS.items() if name not in ("pad", "convert_element_type")},
+}
+
+
+def fold(eqn: jex.JaxprEqn, invals: Sequence[Any]) -> list:
+    """Evaluates an integer/boolean equation on concrete values (see `_foldable`)."""
+    fn = _NUMPY_FOLDS.get(eqn.primitive.name)
+    if fn is not None and len(eqn.outvars) == 1:
+        ops = [np.asarray(v) for v in invals]
+        if all(not is_float(o.dtype) for o in ops):
+            with np.errstate(all="ignore"):  # integer wrap-around, as in XLA
+                value = np.asarray(fn(eqn, ops))
+            aval = eqn.outvars[0].aval
+            if value.shape == tuple(aval.shape):
+                return [value.astype(aval.dtype)]
+    with jax.ensure_compile_time_eval():
+        return eval_eqn(eqn, invals)
 
 
 class _Flattener:
@@ -222,8 +274,7 @@ class _Flattener:
             branch = branches[index]
             return self.run(branch.jaxpr, branch.consts, invals[1:], inviews[1:])
         if _foldable(eqn, invals):
-            with jax.ensure_compile_time_eval():
-                return eval_eqn(eqn, invals), [False] * n_out
+            return fold(eqn, invals), [False] * n_out
         outs = eval_eqn(eqn, invals)
         structural = name in VIEW_PRIMITIVES and any(inviews)
         return outs, [structural] * n_out

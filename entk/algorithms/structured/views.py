@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -31,44 +31,108 @@ def is_float(dtype: Any) -> bool:
     return bool(jax.numpy.issubdtype(dtype, jax.numpy.inexact))
 
 
-@dataclasses.dataclass(eq=False)
 class View:
     """Index map of a parameter view: `idx[j]` = global parameter index of element `j`, or -1.
 
     `leaf_perm = (leaf, perm)` when the view is a whole parameter leaf with its axes permuted
     (`idx == transpose(leaf entries, perm)`: the leaf itself, its transpose, ...), else None; it lets two
-    uses of `W` and `Wᵀ` be contracted without forming their Jacobians.
+    uses of `W` and `Wᵀ` be contracted without forming their Jacobians. Such a view is described by its
+    leaf's offset and shape and its `idx` is only built when asked for (a rearrangement other than a
+    transpose, a Jacobian formed explicitly): the weights of a large model are mostly used whole, and
+    their index maps would cost 8 bytes per parameter and seconds to build and hash.
     """
 
-    idx: np.ndarray
-    leaf_perm: tuple[int, tuple[int, ...]] | None = None
+    def __init__(self, idx: np.ndarray | None = None,
+                 leaf_perm: tuple[int, tuple[int, ...]] | None = None, *,
+                 leaf_offset: int = 0, leaf_shape: tuple[int, ...] = ()):
+        if (idx is None) == (leaf_perm is None):
+            raise ValueError("A View is either an index map or a permuted leaf, not both.")
+        self._idx = idx
+        self.leaf_perm = leaf_perm
+        self._leaf_offset = leaf_offset
+        self._leaf_shape = tuple(leaf_shape)
+
+    @classmethod
+    def of_leaf(cls, leaf: int, offset: int, shape: tuple[int, ...],
+                perm: tuple[int, ...] | None = None) -> "View":
+        """Parameter leaf number `leaf` (entries `offset ...`, shape `shape`), axes permuted by `perm`."""
+        perm = tuple(range(len(shape))) if perm is None else tuple(perm)
+        return cls(leaf_perm=(leaf, perm), leaf_offset=offset, leaf_shape=shape)
+
+    def permuted(self, permutation: Sequence[int]) -> "View":
+        """This whole-leaf view transposed by `permutation` (requires `leaf_perm`)."""
+        leaf, perm = self.leaf_perm
+        return View.of_leaf(leaf, self._leaf_offset, self._leaf_shape,
+                            tuple(perm[p] for p in permutation))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if self._idx is not None:
+            return tuple(self._idx.shape)
+        return tuple(self._leaf_shape[p] for p in self.leaf_perm[1])
+
+    @property
+    def idx(self) -> np.ndarray:
+        if self._idx is None:
+            size = int(np.prod(self._leaf_shape, dtype=np.int64))
+            entries = np.arange(self._leaf_offset, self._leaf_offset + size, dtype=np.int64)
+            self._idx = np.transpose(entries.reshape(self._leaf_shape), self.leaf_perm[1])
+        return self._idx
 
     @functools.cached_property
     def key(self) -> tuple:
+        """Equal keys mean equal index maps (unequal keys may still be equal maps: then only the cheaper
+        contraction paths are missed)."""
+        if self.leaf_perm is not None:
+            return ("leaf", self.leaf_perm, self._leaf_offset, self._leaf_shape)
         return (self.idx.shape, hashlib.sha1(np.ascontiguousarray(self.idx).tobytes()).hexdigest())
 
     @functools.cached_property
     def flat_params(self) -> np.ndarray:
         """The parameter entries this view touches (sorted, unique)."""
-        return np.unique(self.idx[self.idx >= 0])
+        if self.leaf_perm is not None:  # every entry of one leaf exactly once: a contiguous range
+            lo, hi = self.bounds
+            return np.arange(lo, hi + 1, dtype=np.int64)
+        return sorted_unique(self.idx[self.idx >= 0])
 
     @functools.cached_property
     def clean(self) -> bool:
         """No constant entries and no parameter entry repeated: the map is a partial isometry."""
-        return bool(np.all(self.idx >= 0)) and self.flat_params.size == self.idx.size
+        if self.leaf_perm is not None:
+            return True
+        lo, hi = self.bounds
+        if hi - lo + 1 < self.idx.size or not bool(np.all(self.idx >= 0)):
+            return False  # more entries than distinct indices in range (a broadcast), or padding
+        return self.flat_params.size == self.idx.size
 
     @functools.cached_property
     def bounds(self) -> tuple[int, int]:
-        f = self.flat_params
-        return (int(f[0]), int(f[-1])) if f.size else (0, -1)
+        """Smallest and largest parameter entry touched ((0, -1) when none)."""
+        if self.leaf_perm is not None:
+            size = int(np.prod(self._leaf_shape, dtype=np.int64))
+            return (self._leaf_offset, self._leaf_offset + size - 1) if size else (0, -1)
+        touched = self.idx[self.idx >= 0]
+        return (int(touched.min()), int(touched.max())) if touched.size else (0, -1)
 
     def overlaps(self, other: "View") -> bool:
-        if self.key == other.key:
-            return self.flat_params.size > 0
         (a0, a1), (b0, b1) = self.bounds, other.bounds
-        if a1 < b0 or b1 < a0:
+        if a1 < a0 or b1 < b0 or a1 < b0 or b1 < a0:
             return False
+        if self.key == other.key or (self.leaf_perm is not None and other.leaf_perm is not None):
+            return True  # equal maps, or two whole leaves whose ranges intersect (so the same leaf)
         return np.intersect1d(self.flat_params, other.flat_params, assume_unique=True).size > 0
+
+
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """`np.unique(values)` of integers by sorting (numpy >= 2.3's hash-based `unique` takes seconds on
+    the millions of entries of a large weight's index map; a sort takes milliseconds)."""
+    flat = np.sort(values, axis=None)
+    if flat.size == 0:
+        return flat
+    keep = np.empty(flat.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(flat[1:], flat[:-1], out=keep[1:])
+    return flat[keep]
 
 
 @dataclasses.dataclass
@@ -166,7 +230,7 @@ def _dynamic_slice(eqn, ops):
     return x[tuple(index)]
 
 
-_INDEX_FNS: dict[str, IndexFn] = {
+INDEX_FNS: dict[str, IndexFn] = {  # numpy rearrangements, also used to fold integer constants
     "reshape": _reshape,
     "transpose": lambda eqn, ops: np.transpose(ops[0], eqn.params["permutation"]),
     "broadcast_in_dim": _broadcast_in_dim,
@@ -184,7 +248,7 @@ _INDEX_FNS: dict[str, IndexFn] = {
     "dynamic_slice": _dynamic_slice,
 }
 
-VIEW_PRIMITIVES = frozenset(_INDEX_FNS)
+VIEW_PRIMITIVES = frozenset(INDEX_FNS)
 """Primitives whose output can be a rearrangement of a parameter (decides inlining in `graph`)."""
 
 # Operand positions that may be parameter-independent data (filled with -1) rather than views; any other
@@ -196,7 +260,7 @@ def _index_map(eqn: jex.JaxprEqn, in_views: list, in_dep: list[bool], constants:
                ) -> np.ndarray | None:
     """The index map of `eqn`'s output if it is a view of its view operands, else None."""
     name = eqn.primitive.name
-    fn = _INDEX_FNS.get(name)
+    fn = INDEX_FNS.get(name)
     if fn is None or len(eqn.outvars) != 1 or not is_float(eqn.outvars[0].aval.dtype):
         return None
     data_ok = _DATA_OPERANDS.get(name, ())
@@ -226,17 +290,19 @@ _SAME_LAYOUT = frozenset({"convert_element_type", "copy", "copy_p", "device_put"
                           "sharding_constraint"})
 
 
-def _leaf_perm(eqn: jex.JaxprEqn, operand: View | None) -> tuple[int, tuple[int, ...]] | None:
-    """`leaf_perm` of a view op's output, from that of its first operand (see `View`)."""
-    if operand is None or operand.leaf_perm is None:
-        return None
-    leaf, perm = operand.leaf_perm
+def _permuted_leaf(eqn: jex.JaxprEqn, in_views: list) -> View | None:
+    """The output view of a transpose or layout-preserving op (`convert_element_type`, ...) applied to a
+    whole-leaf view, kept lazy (see `View`); None for any other equation."""
     name = eqn.primitive.name
-    if name in _SAME_LAYOUT:
-        return leaf, perm
+    if (name not in _SAME_LAYOUT and name != "transpose") or len(eqn.invars) != 1:
+        return None
+    operand = in_views[0]
+    if (operand is None or operand.leaf_perm is None or len(eqn.outvars) != 1
+            or not is_float(eqn.outvars[0].aval.dtype)):
+        return None
     if name == "transpose":
-        return leaf, tuple(perm[p] for p in eqn.params["permutation"])
-    return None
+        return operand.permuted(eqn.params["permutation"])
+    return operand
 
 
 def analyze(closed: jex.ClosedJaxpr, n_params: int) -> Analysis:
@@ -248,11 +314,9 @@ def analyze(closed: jex.ClosedJaxpr, n_params: int) -> Analysis:
     dep: set = set()
     offset = 0
     for leaf, v in enumerate(jaxpr.invars[:n_params]):
-        size = int(np.prod(v.aval.shape, dtype=np.int64))
-        views[v] = View(np.arange(offset, offset + size, dtype=np.int64).reshape(v.aval.shape),
-                        (leaf, tuple(range(len(v.aval.shape)))))
+        views[v] = View.of_leaf(leaf, offset, tuple(v.aval.shape))
         dep.add(v)
-        offset += size
+        offset += int(np.prod(v.aval.shape, dtype=np.int64))
 
     uses: list[Use] = []
     forward_mode = False
@@ -264,9 +328,12 @@ def analyze(closed: jex.ClosedJaxpr, n_params: int) -> Analysis:
         if eqn.primitive.name == "while":
             forward_mode = True
         if any(v is not None for v in in_views):
-            idx = _index_map(eqn, in_views, in_dep, constants)
-            if idx is not None:
-                views[eqn.outvars[0]] = View(idx, _leaf_perm(eqn, in_views[0]))
+            view = _permuted_leaf(eqn, in_views)
+            if view is None:
+                idx = _index_map(eqn, in_views, in_dep, constants)
+                view = None if idx is None else View(idx)
+            if view is not None:
+                views[eqn.outvars[0]] = view
                 dep.add(eqn.outvars[0])
                 continue
             if any(is_float(o.aval.dtype) for o in eqn.outvars):
