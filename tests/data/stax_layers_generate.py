@@ -195,6 +195,17 @@ CASES = {
     "aggregate_axis": {"input": "graph2d", "pattern": "dense_axis1", "net": [
         C, ("Relu", {}), ("Aggregate", {"aggregate_axis": 1}), C, ("Relu", {}),
         ("GlobalAvgPool", {}), D1]},
+    # U-Net-like: a skip branch beside a down (ImageResize) / up (ImageResize) path, concatenated,
+    # then a ConvTranspose (an even number of Convs before each ImageResize, see image_resize).
+    "unet": {"input": "img", "net": [
+        C, ("Relu", {}), C, ("FanOut", {"num": 2}),
+        ("parallel", [[("Relu", {})],
+                      [("ImageResize", {"shape": [-1, 3, 2, -1], "method": "linear"}), C,
+                       ("Relu", {}), C,
+                       ("ImageResize", {"shape": [-1, 5, 4, -1], "method": "nearest"})]]),
+        ("FanInConcat", {}),
+        ("ConvTranspose", {"out_chan": 3, "filter_shape": [2, 2], "strides": [1, 1],
+                           "padding": "SAME"}), ("Relu", {}), ("GlobalAvgPool", {}), D1]},
 }
 
 
