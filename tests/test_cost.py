@@ -199,3 +199,22 @@ def test_auto_reports_the_models_shape_error_not_out_of_budget():
     with pytest.raises(TypeError, match="contracting dimensions") as info:  # x2 checked too
         cost.select(mlp, x[:, :6], x, params, {}, NTK_KW, capabilities=CAPS)
     assert "fails on x2" in _notes(info.value)
+
+
+def test_calibration_inside_jit_runs_its_benchmarks(monkeypatch, tmp_path):
+    """`entk.ntk` selects a strategy while its kernel function is traced under `jax.jit`; the
+    calibration's micro-benchmarks must still run on concrete arrays, not be staged into that trace
+    (which timed nothing and cached rates ~10x the machine's)."""
+    monkeypatch.setenv("ENTK_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cost, "_CALIBRATIONS", {})
+    results = []
+    median_time = cost._median_time
+
+    def recording(fn, repeats):
+        results.append(fn())
+        return median_time(fn, 1)
+
+    monkeypatch.setattr(cost, "_median_time", recording)
+    jax.jit(lambda x: x + cost.calibration().overhead_s)(jnp.ones(()))
+    assert results and not any(isinstance(r, jax.core.Tracer) for r in results)
+    assert list(tmp_path.glob("calibration-*.json"))
