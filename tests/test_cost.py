@@ -218,3 +218,29 @@ def test_calibration_inside_jit_runs_its_benchmarks(monkeypatch, tmp_path):
     jax.jit(lambda x: x + cost.calibration().overhead_s)(jnp.ones(()))
     assert results and not any(isinstance(r, jax.core.Tracer) for r in results)
     assert list(tmp_path.glob("calibration-*.json"))
+
+
+def test_decision_is_reused_by_a_new_process_from_disk(monkeypatch, tmp_path):
+    """A new process on the same model and shapes reuses auto's decision from the cache directory
+    (no candidate is lowered again), while it still fits the memory budget."""
+    monkeypatch.setenv("ENTK_CACHE_DIR", str(tmp_path))
+    f, params, x1, x2 = jax_models.make("mlp")
+    first = cost.select(f, x1, x2, params, {}, NTK_KW, capabilities=CAPS, memory_budget=1 << 30)
+    assert len(list((tmp_path / "decisions").glob("*.json"))) == 1
+    estimate = cost.estimate
+    monkeypatch.setattr(cost, "_DECISIONS", {})  # a new process: nothing decided in memory
+    monkeypatch.setattr(cost, "estimate", lambda *a, **k: pytest.fail("decided again"))
+    assert cost.select(f, x1, x2, params, {}, NTK_KW, capabilities=CAPS,
+                       memory_budget=1 << 30) is first
+    # Other shapes, other settings or another model: another key.
+    key = cost._disk_key(f, x1, x2, params, {}, NTK_KW, list(Strategy)[1:])
+    assert key != cost._disk_key(f, x1[:2], x2, params, {}, NTK_KW, list(Strategy)[1:])
+    assert key != cost._disk_key(f, x1, x2, params, {}, {**NTK_KW, "trace_axes": (-1,)},
+                                 list(Strategy)[1:])
+    g, g_params, g1, g2 = jax_models.make("conv_nhwc")
+    assert key != cost._disk_key(g, g1, g2, g_params, {}, NTK_KW, list(Strategy)[1:])
+    # A budget the stored pick does not fit is decided afresh (here: nothing fits).
+    monkeypatch.setattr(cost, "estimate", estimate)
+    monkeypatch.setattr(cost, "_DECISIONS", {})
+    with pytest.raises(cost.OutOfBudgetError):
+        cost.select(f, x1, x2, params, {}, NTK_KW, capabilities=CAPS, memory_budget=1000)

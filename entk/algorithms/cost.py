@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from entk.algorithms import Strategy, concrete_strategies
+from entk.algorithms import decision_cache
 from entk.algorithms._apply import split_kwargs
 
 PyTree = Any
@@ -333,6 +334,14 @@ def select(f: Callable, x1: PyTree, x2: PyTree | None, params: PyTree, kwargs: d
     key = _decision_key(f, x1, x2, params, kwargs, ntk_kwargs, budget, candidates)
     if key in _DECISIONS and estimates_out is None:
         return _DECISIONS[key]
+    decisions_dir = _cache_dir() / "decisions"
+    disk_key = None
+    if estimates_out is None:  # a report wants every estimate: decide afresh
+        disk_key = _disk_key(f, x1, x2, params, kwargs, ntk_kwargs, candidates)
+        stored = decision_cache.load(decisions_dir, disk_key, budget)
+        if stored is not None:
+            _DECISIONS[key] = stored
+            return stored
 
     check_model_traces(f, x1, x2, params, kwargs)
     cal = calibration()
@@ -372,7 +381,25 @@ def select(f: Callable, x1: PyTree, x2: PyTree | None, params: PyTree, kwargs: d
             except Exception:  # noqa: BLE001 - e.g. `f` closes over tracers of an enclosing jit,
                 pass           # which the lowered program takes as extra inputs: keep the prediction
     _DECISIONS[key] = choice.strategy
+    memory_limited = any(e.predicted_s < choice.predicted_s for e in estimates if e not in failed)
+    decision_cache.store(decisions_dir, disk_key, decision_cache.Decision(
+        choice.strategy.short_name, float(choice.peak_bytes), budget, memory_limited))
     return choice.strategy
+
+
+def _disk_key(f, x1, x2, params, kwargs, ntk_kwargs, candidates) -> str | None:
+    """The on-disk decision key: the jaxpr of `f` on x1 (and x2) at these shapes, and the settings."""
+    kw1, kw2 = split_kwargs(kwargs, x1, x2)
+    (a1, s1), (a2, s2) = _split_static(kw1), _split_static(kw2)
+
+    def program(p, a, b, k1, k2):
+        out = f(p, a, **k1, **s1)
+        return out if b is None else (out, f(p, b, **k2, **s2))
+
+    settings = repr((sorted(ntk_kwargs.items()), [c.short_name for c in candidates], sorted(s1),
+                     repr(s1), repr(s2), _device_key(jax.devices()[0]), _CALIBRATION_VERSION))
+    args = (params, x1, x2, a1, a2)
+    return decision_cache.fingerprint(program, _shape_struct(args), settings)
 
 
 def error_summary(error: BaseException) -> str:
