@@ -121,6 +121,27 @@ def _conv_dimension_numbers(d: int) -> lax.ConvDimensionNumbers:
                                     out_spec=(0, d + 1) + spatial_axes)
 
 
+def _check_spatial_rank(name: str, d: int, shape: Sequence[int]) -> None:
+    if len(shape) != d + 2:
+        raise ValueError(f"{name} expects inputs with {d} spatial dimension(s), "
+                         f"(N, {'S, ' * d}C), got shape {tuple(shape)}.")
+
+
+def _conv_init_fn(geometry, filter_shape, out_chan, W_std, b_std, parameterization):
+    """`init_fn` of a convolution with one shared filter `filter_shape + (C_in, out_chan)`; `geometry`
+    maps an input shape to `(pads, output spatial sizes)`."""
+    filter_size = math.prod(filter_shape)
+
+    def init_fn(rng, input_shape):
+        _, out = geometry(input_shape)
+        fan_in = input_shape[-1] * filter_size
+        params = _init_weights(rng, filter_shape + (input_shape[-1], out_chan), out_chan, fan_in,
+                               W_std, b_std, parameterization)
+        return (input_shape[0],) + out + (out_chan,), params
+
+    return init_fn
+
+
 def Conv(out_chan: int, filter_shape: Sequence[int], strides: Sequence[int] | None = None,
          padding: str = "VALID", W_std: float = 1.0, b_std: float | None = None,
          dimension_numbers: tuple | None = None, parameterization: str = "ntk",
@@ -148,20 +169,13 @@ def Conv(out_chan: int, filter_shape: Sequence[int], strides: Sequence[int] | No
     filter_size = math.prod(filter_shape)
 
     def geometry(shape):
-        if len(shape) != d + 2:
-            raise ValueError(f"{name} expects inputs with {d} spatial dimension(s), "
-                             f"(N, {'S, ' * d}C), got shape {tuple(shape)}.")
+        _check_spatial_rank(name, d, shape)
         in_sizes = tuple(shape[1:-1])
         pads = spatial.pads_for(pad_mode, in_sizes, filter_shape, strides)
         out = spatial.output_sizes(in_sizes, filter_shape, strides, pads, name)
         return pads, out
 
-    def init_fn(rng, input_shape):
-        _, out = geometry(input_shape)
-        fan_in = input_shape[-1] * filter_size
-        params = _init_weights(rng, filter_shape + (input_shape[-1], out_chan), out_chan, fan_in,
-                               W_std, b_std, parameterization)
-        return (input_shape[0],) + out + (out_chan,), params
+    init_fn = _conv_init_fn(geometry, filter_shape, out_chan, W_std, b_std, parameterization)
 
     def apply_fn(params, x, **kwargs):
         W, b = params
@@ -230,9 +244,7 @@ def ConvLocal(out_chan: int, filter_shape: Sequence[int], strides: Sequence[int]
                   parameterization=parameterization)
 
     def geometry(shape):
-        if len(shape) != d + 2:
-            raise ValueError(f"{name} expects inputs with {d} spatial dimension(s), "
-                             f"(N, {'S, ' * d}C), got shape {tuple(shape)}.")
+        _check_spatial_rank(name, d, shape)
         pads = spatial.pads_for(pad_mode, tuple(shape[1:-1]), filter_shape, strides)
         return pads, spatial.output_sizes(tuple(shape[1:-1]), filter_shape, strides, pads, name)
 
@@ -321,21 +333,14 @@ def ConvTranspose(out_chan: int, filter_shape: Sequence[int], strides: Sequence[
     ones = (1,) * d
 
     def geometry(shape):
-        if len(shape) != d + 2:
-            raise ValueError(f"{name} expects inputs with {d} spatial dimension(s), "
-                             f"(N, {'S, ' * d}C), got shape {tuple(shape)}.")
+        _check_spatial_rank(name, d, shape)
         in_sizes = tuple(shape[1:-1])
         pads = _transpose_pads(in_sizes, filter_shape, strides, pad_mode)
         dilated = tuple((n - 1) * st + 1 for n, st in zip(in_sizes, strides))
         out = spatial.output_sizes(dilated, filter_shape, ones, pads, name)
         return pads, out
 
-    def init_fn(rng, input_shape):
-        _, out = geometry(input_shape)
-        fan_in = input_shape[-1] * filter_size
-        params = _init_weights(rng, filter_shape + (input_shape[-1], out_chan), out_chan, fan_in,
-                               W_std, b_std, parameterization)
-        return (input_shape[0],) + out + (out_chan,), params
+    init_fn = _conv_init_fn(geometry, filter_shape, out_chan, W_std, b_std, parameterization)
 
     def apply_fn(params, x, **kwargs):
         W, b = params
