@@ -22,6 +22,8 @@ import scipy.special
 
 import entk
 from entk import stax
+from tests.data import stax_spec
+from tests.gaussian_quadrature import first_layer_cov, gauss_hermite, polar, rel_err
 
 
 def reference_dir() -> Path:
@@ -42,23 +44,6 @@ NO_REFERENCE = (f"neural-tangents reference values not found in {reference_dir()
                 f"ENTK_REFERENCE_DIR to the folder holding stax_nt065.json/.npz)")
 
 
-def build(spec: list) -> stax.Layer:
-    """A stax network from the reference JSON: `[name, kwargs]` entries; `parallel` holds branches."""
-    layers = []
-    for name, arg in spec:
-        if name == "parallel":
-            layers.append(stax.parallel(*[build(branch) for branch in arg]))
-        else:
-            kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in arg.items()}
-            layers.append(getattr(stax, name)(**kwargs))
-    return stax.serial(*layers)
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a), np.asarray(b)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
 # ----------------------------------------------------------------------------------------------
 # neural-tangents 0.6.5
 
@@ -67,7 +52,7 @@ def rel_err(a, b) -> float:
 def test_matches_neural_tangents(case):
     if REF_SPEC is None:
         pytest.skip(NO_REFERENCE)
-    _, _, kernel_fn = build(REF_SPEC[case])
+    _, _, kernel_fn = stax_spec.build(stax, REF_SPEC[case])
     x1, x2 = REF_ARRAYS[f"{case}/x1"], REF_ARRAYS[f"{case}/x2"]
     assert x1.dtype == np.float64
     k = kernel_fn(x1, x2, ("nngp", "ntk"))
@@ -88,39 +73,6 @@ RNG = np.random.RandomState(0)  # NumPy draws: no JAX random-number kernels to c
 X_VEC = RNG.normal(size=(4, 5))
 X_VEC2 = RNG.normal(size=(3, 5))
 W_STD, B_STD = 1.3, 0.2
-
-
-def _first_layer_cov(x1, x2):
-    x1, x2 = np.asarray(x1), np.asarray(x2)
-    d = x1.shape[-1]
-    q12 = W_STD ** 2 * x1 @ x2.T / d + B_STD ** 2
-    q11 = W_STD ** 2 * np.sum(x1 ** 2, -1) / d + B_STD ** 2
-    q22 = W_STD ** 2 * np.sum(x2 ** 2, -1) / d + B_STD ** 2
-    return q12, q11[:, None], q22[None, :]
-
-
-def _gauss_hermite(f, g, q12, q11, q22, deg=120):
-    """E[f(u) g(v)] by NumPy Gauss–Hermite quadrature (independent of entk's implementation)."""
-    z, w = np.polynomial.hermite.hermgauss(deg)
-    z, w = np.sqrt(2) * z, w / np.sqrt(np.pi)
-    l11 = np.sqrt(q11)[..., None, None]
-    l21 = (q12 / np.sqrt(q11))[..., None, None]
-    l22 = np.sqrt(np.maximum(q22 - q12 ** 2 / q11, 0))[..., None, None]
-    u = l11 * z[:, None]
-    v = l21 * z[:, None] + l22 * z[None, :]
-    return np.einsum("...ij,i,j->...", f(u) * g(v), w, w)
-
-
-def _angular(f, g, q12, q11, q22, degree):
-    """E[f(u) g(v)] for f, g positively homogeneous of total `degree` (0 or 2) by the polar
-    integral (c/2π)·∫ f(L₁·e(α)) g(L₂·e(α)) dα, c = ∫ r^{degree+1} e^{-r²/2} dr (1 or 2)."""
-    alpha = np.linspace(0, 2 * np.pi, 200_001)[:-1]
-    l11 = np.sqrt(q11)[..., None]
-    l21 = (q12 / np.sqrt(q11))[..., None]
-    l22 = np.sqrt(np.maximum(q22 - q12 ** 2 / q11, 0))[..., None]
-    u = l11 * np.cos(alpha)
-    v = l21 * np.cos(alpha) + l22 * np.sin(alpha)
-    return (1.0 if degree == 0 else 2.0) * np.mean(f(u) * g(v), -1)
 
 
 def _abrelu_np(a, b):
@@ -164,17 +116,17 @@ def nonlinearity_kernels():
 def test_nonlinearity_closed_forms_match_quadrature(name, nonlinearity_kernels):
     _, method, phi, dphi = NONLINEARITIES[name]
     k = nonlinearity_kernels[name]
-    q12, q11, q22 = np.broadcast_arrays(*_first_layer_cov(X_VEC, X_VEC2))
-    var1 = _first_layer_cov(X_VEC, X_VEC)[1][:, 0]
+    q12, q11, q22 = np.broadcast_arrays(*first_layer_cov(X_VEC, X_VEC2, W_STD, B_STD))
+    var1 = first_layer_cov(X_VEC, X_VEC, W_STD, B_STD)[1][:, 0]
     if method == "hermite":
-        expected_nngp = _gauss_hermite(phi, phi, q12, q11, q22)
-        expected_dot = _gauss_hermite(dphi, dphi, q12, q11, q22)
-        expected_var = _gauss_hermite(phi, phi, var1, var1, var1)
+        expected_nngp = gauss_hermite(phi, phi, q12, q11, q22)
+        expected_dot = gauss_hermite(dphi, dphi, q12, q11, q22)
+        expected_var = gauss_hermite(phi, phi, var1, var1, var1)
         nngp_tol = dot_tol = 1e-10
     else:
-        expected_nngp = _angular(phi, phi, q12, q11, q22, 2)
-        expected_dot = _angular(dphi, dphi, q12, q11, q22, 0)
-        expected_var = _angular(phi, phi, var1, var1, var1, 2)
+        expected_nngp = polar(phi, phi, q12, q11, q22, 2)
+        expected_dot = polar(dphi, dphi, q12, q11, q22, 0)
+        expected_var = polar(phi, phi, var1, var1, var1, 2)
         nngp_tol, dot_tol = 1e-8, 1e-4  # φ' jumps, which limits the trapezoid rule
     assert rel_err(k.nngp, expected_nngp) < nngp_tol
     assert rel_err(np.asarray(k.ntk) / q12, expected_dot) < dot_tol

@@ -29,15 +29,11 @@ import entk
 from entk import stax
 from tests.data import stax_spec
 from tests.data.stax_spec import _erf_nngp
+from tests.gaussian_quadrature import first_layer_cov, gauss_hermite, polar, rel_err
 
 DATA = Path(__file__).resolve().parent / "data"
 SPEC = json.loads((DATA / "stax_layers_nt065.json").read_text())
 ARRAYS = dict(np.load(DATA / "stax_layers_nt065.npz"))
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a), np.asarray(b)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,36 +91,6 @@ X2 = RNG.normal(size=(3, 5))
 W_STD, B_STD = 1.1, 0.3
 
 
-def _dense_cov():
-    def cov(a, b):
-        return W_STD ** 2 * a @ b.T / a.shape[-1] + B_STD ** 2
-
-    q11 = np.diag(cov(X1, X1))[:, None]
-    q22 = np.diag(cov(X2, X2))[None, :]
-    return np.broadcast_arrays(cov(X1, X2), q11, q22)
-
-
-def _cholesky_terms(q12, q11, q22):
-    return np.sqrt(q11), q12 / np.sqrt(q11), np.sqrt(np.maximum(q22 - q12 ** 2 / q11, 0))
-
-
-def _hermite_quadrature(f, q12, q11, q22, deg=150):
-    z, w = np.polynomial.hermite.hermgauss(deg)
-    z, w = np.sqrt(2) * z, w / np.sqrt(np.pi)
-    l11, l21, l22 = (t[..., None, None] for t in _cholesky_terms(q12, q11, q22))
-    return np.einsum("...ij,i,j->...", f(l11 * z[:, None]) * f(l21 * z[:, None] + l22 * z), w, w)
-
-
-def _polar_quadrature(f, q12, q11, q22, degree):
-    """E[f(u) f(v)] for f positively homogeneous with f(u)f(v) of total `degree`:
-    (c/2π)·∫ f(L₁e(α)) f(L₂e(α)) dα with c = ∫ r^{degree+1} e^{−r²/2} dr."""
-    alpha = np.linspace(0, 2 * np.pi, 100_001)[:-1]
-    l11, l21, l22 = (t[..., None] for t in _cholesky_terms(q12, q11, q22))
-    u, v = l11 * np.cos(alpha), l21 * np.cos(alpha) + l22 * np.sin(alpha)
-    c = {0: 1.0, 2: 2.0, 4: 8.0, 6: 48.0}[degree]
-    return c * np.mean(f(u) * f(v), -1)
-
-
 def _sigmoid_like(x):
     return 0.5 * scipy.special.erf(x / 2.4020563531719796) + 0.5
 
@@ -178,15 +144,15 @@ def closed_form_kernels():
 def test_closed_forms_match_quadrature(name, closed_form_kernels):
     _, phi, dphi, method = CLOSED_FORMS[name]
     k = closed_form_kernels[name]
-    q12, q11, q22 = _dense_cov()
+    q12, q11, q22 = np.broadcast_arrays(*first_layer_cov(X1, X2, W_STD, B_STD))
     if method == "hermite":
-        nngp = _hermite_quadrature(phi, q12, q11, q22)
-        dot = _hermite_quadrature(dphi, q12, q11, q22)
+        nngp = gauss_hermite(phi, phi, q12, q11, q22, deg=150)
+        dot = gauss_hermite(dphi, dphi, q12, q11, q22, deg=150)
         tol = 1e-10
     else:
-        nngp = _polar_quadrature(phi, q12, q11, q22, method[0])
+        nngp = polar(phi, phi, q12, q11, q22, method[0], points=100_000)
         dot = (np.zeros_like(q12) if dphi is None
-               else _polar_quadrature(dphi, q12, q11, q22, method[1]))
+               else polar(dphi, dphi, q12, q11, q22, method[1], points=100_000))
         tol = 1e-4 if dphi is None or method[1] == 0 else 1e-8  # jumps limit the trapezoid rule
     assert rel_err(k.nngp, nngp) < tol
     if dphi is None:  # φ' = 0 almost everywhere: neural-tangents' zero NTK
@@ -205,7 +171,7 @@ def test_hermite_is_exact_for_unit_variance():
         k = stax.serial(stax.Dense(4, W_std=0.8, b_std=0.6), stax.Hermite(degree)).kernel_fn(x)
         he = (np.polynomial.hermite_e.HermiteE.basis(degree)
               / np.sqrt(scipy.special.factorial(degree)))
-        assert rel_err(k.nngp, _hermite_quadrature(he, q12, ones, ones)) < 1e-10
+        assert rel_err(k.nngp, gauss_hermite(he, he, q12, ones, ones, deg=150)) < 1e-10
         assert rel_err(k.nngp, q12 ** degree) < 1e-13
 
 

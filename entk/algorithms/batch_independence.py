@@ -34,7 +34,7 @@ import jax
 import numpy as np
 
 from entk.algorithms import batch_axis_rules  # noqa: F401  (registers the rules)
-from entk.algorithms._apply import per_example
+from entk.algorithms._apply import is_concrete, per_example
 from entk.algorithms.axes import VmapAxes
 from entk.algorithms.batch_axis import (Axis, Context, Found, Origin, captured, run_jaxpr, shape_of,
                                        unbatched)
@@ -232,10 +232,6 @@ def probe(f: Callable[..., PyTree], x: PyTree, params: PyTree, kwargs: dict,
     return None
 
 
-def _concrete(tree: PyTree) -> bool:
-    return not any(isinstance(l, jax.core.Tracer) for l in jax.tree_util.tree_leaves(tree))
-
-
 # ----------------------------------------------------------------------------------------------
 # Entry points: explicit vmap_axes, and "auto"
 
@@ -276,7 +272,7 @@ def check(f: Callable[..., PyTree], x: PyTree, params: PyTree, kwargs: dict, vma
                 raise ValueError(f"vmap_axes={text}: the output{jax.tree_util.keystr(path)} carries "
                                  f"the batch on axis {min(allowed)}, not on axis {axis}. Give the "
                                  f"right output axis in vmap_axes.")
-    if not (_concrete((x, params, kwargs))):
+    if not is_concrete((x, params, kwargs)):
         if verdict.opaque:
             _cached(("warned", id(f), _signature((params, x, kwargs)), text), f, lambda: warnings.warn(
                 f"vmap_axes={text} cannot be verified under tracing: {verdict.reason}. Call the "
@@ -322,7 +318,7 @@ def auto_vmap_axes(f: Callable[..., PyTree], x1: PyTree, x2: PyTree | None, para
     out_axes = axes[0] if len(set(axes)) == 1 else jax.tree_util.tree_structure(fx).unflatten(axes)
     vmap = VmapAxes(0, out_axes, {})
     for x, kwargs in sides:
-        if _concrete((x, params, kwargs)) and batch_size(x, jax.tree_util.tree_map(lambda _: 0, x)) > 1:
+        if is_concrete((x, params, kwargs)) and batch_size(x, jax.tree_util.tree_map(lambda _: 0, x)) > 1:
             key = ("probe", id(f), _signature((params, x, kwargs)), describe(0, out_axes, {}))
             if _cached(key, f, lambda: probe(f, x, params, kwargs, vmap)) is not None:
                 return None

@@ -342,7 +342,7 @@ class KernelStore:
             try:
                 checksums = json.loads(marker.read_text()).get("checksums")
                 problem = self._check(tile, checksums)
-            except (OSError, ValueError, AttributeError) as e:
+            except (OSError, ValueError, AttributeError):
                 problem = "its completion marker cannot be read"
             if problem is None:
                 good.add(tile)

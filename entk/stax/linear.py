@@ -121,6 +121,14 @@ def _conv_dimension_numbers(d: int) -> lax.ConvDimensionNumbers:
                                     out_spec=(0, d + 1) + spatial_axes)
 
 
+def _check_channels_last(name: str, dimension_numbers: tuple | None) -> None:
+    if dimension_numbers is not None:
+        lhs = dimension_numbers[0]
+        if not (isinstance(lhs, str) and lhs[0] == "N" and lhs[-1] == "C"):
+            raise NotImplementedError(f"{name}: dimension_numbers={dimension_numbers}; only "
+                                      f"channels-last inputs (e.g. 'NHWC') are supported.")
+
+
 def _check_spatial_rank(name: str, d: int, shape: Sequence[int]) -> None:
     if len(shape) != d + 2:
         raise ValueError(f"{name} expects inputs with {d} spatial dimension(s), "
@@ -154,11 +162,7 @@ def Conv(out_chan: int, filter_shape: Sequence[int], strides: Sequence[int] | No
     filter_shape = tuple(int(f) for f in filter_shape)
     d = len(filter_shape)
     name = f"Conv({out_chan}, {filter_shape})"
-    if dimension_numbers is not None:
-        lhs = dimension_numbers[0]
-        if not (isinstance(lhs, str) and lhs[0] == "N" and lhs[-1] == "C"):
-            raise NotImplementedError(f"{name}: dimension_numbers={dimension_numbers}; only "
-                                      f"channels-last inputs (e.g. 'NHWC') are supported.")
+    _check_channels_last(name, dimension_numbers)
     _check_s(name, s)
     parameterization = check_parameterization(name, parameterization)
     strides = spatial.parse_window(strides, d, 1, "strides", name)
@@ -207,14 +211,6 @@ def Conv(out_chan: int, filter_shape: Sequence[int], strides: Sequence[int] | No
                                       strides, pads, out)
 
     return layer(name, init_fn, apply_fn, transform, mask_fn=mask_fn, remask=True)
-
-
-def _check_channels_last(name: str, dimension_numbers: tuple | None) -> None:
-    if dimension_numbers is not None:
-        lhs = dimension_numbers[0]
-        if not (isinstance(lhs, str) and lhs[0] == "N" and lhs[-1] == "C"):
-            raise NotImplementedError(f"{name}: dimension_numbers={dimension_numbers}; only "
-                                      f"channels-last inputs (e.g. 'NHWC') are supported.")
 
 
 def ConvLocal(out_chan: int, filter_shape: Sequence[int], strides: Sequence[int] | None = None,
