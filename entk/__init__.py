@@ -11,11 +11,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from entk.algorithms import Strategy
+from entk import _xla_cpu
+
+_xla_cpu.apply()  # before JAX makes its CPU backend: an XLA:CPU float32 miscompilation (see module)
+
+from entk.algorithms import Strategy  # noqa: E402
 # Imported eagerly (JAX only): `entk.linearize` names both the function and its submodule, and a later
 # import of the submodule must not rebind the package attribute to the module.
-from entk.linearize import linearize, taylor_expand
-from entk.model import Model
+from entk.linearize import linearize, taylor_expand  # noqa: E402
+from entk.model import Model  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -29,7 +33,7 @@ _LAZY = {
     "from_flax": "entk.adapters.flax:from_flax",
     "from_torch": "entk.adapters.torch:from_torch",
     "from_tf": "entk.adapters.tf:from_tf",
-    "compare": "entk.algorithms.cost:compare",
+    "compare": "entk.algorithms.compare:compare",
     "monte_carlo_kernel_fn": "entk.stax.monte_carlo:monte_carlo_kernel_fn",
     "batch": "entk.scale:batch",
     "compute_kernel": "entk.scale:compute_kernel",
@@ -57,4 +61,5 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    """The public API only (not this module's imports such as `importlib`, nor private names)."""
+    return sorted({*__all__, "__version__"})

@@ -64,18 +64,33 @@ def cache_dir() -> pathlib.Path | None:
     return pathlib.Path(path) if path else None
 
 
+def directory() -> pathlib.Path | None:
+    """The directory entk keeps JAX's compilation cache in, whether or not it is enabled yet in this
+    process (`entk cache` shows and clears it); None when entk leaves JAX's cache alone
+    (`ENTK_COMPILATION_CACHE` off, or a cache directory the user configured in JAX)."""
+    if _state is not None:
+        return cache_dir() if _state == "entk" else None
+    return _planned_directory()
+
+
+def _planned_directory() -> pathlib.Path | None:
+    setting = os.environ.get(ENV_VAR, "").strip()
+    if setting.lower() in _OFF or jax.config.jax_compilation_cache_dir:
+        return None
+    if setting.lower() in _ON:
+        from entk.algorithms import device  # the one definition of entk's cache directory
+
+        return device.cache_dir() / "xla"
+    return pathlib.Path(setting).expanduser()
+
+
 def _configure() -> str:
     setting = os.environ.get(ENV_VAR, "").strip()
     if setting.lower() in _OFF:
         return "off"
     if jax.config.jax_compilation_cache_dir:
         return "user"
-    if setting.lower() in _ON:
-        from entk.algorithms.cost import _cache_dir  # the one definition of entk's cache directory
-
-        path = _cache_dir() / "xla"
-    else:
-        path = pathlib.Path(setting).expanduser()
+    path = _planned_directory()
     path.mkdir(parents=True, exist_ok=True)
     if jax.config.jax_persistent_cache_min_compile_time_secs == _JAX_DEFAULT_MIN_COMPILE_TIME_S:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

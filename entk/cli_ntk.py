@@ -18,7 +18,8 @@ import sys
 import time
 from typing import Sequence
 
-from entk.cli import SPEC_FORMS, CommandError, add_kernel_options, build_model, load_examples
+from entk.cli import (SPEC_FORMS, SPEC_HELP, CommandError, add_command, add_kernel_options,
+                      build_model, kernel_kwargs, load_examples)
 
 
 def _tile(text: str):
@@ -35,12 +36,13 @@ def _tile(text: str):
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "ntk", help="compute a model's empirical NTK into a resumable on-disk store",
+    """Adds `entk ntk` to the `entk` command's subparsers."""
+    p = add_command(
+        subparsers, "ntk", help="compute a model's empirical NTK into a resumable on-disk store",
         description="Compute the empirical NTK of the model SPEC names on the examples of --input "
                     "(and --input2) tile by tile into a zarr store, with progress. Rerunning the "
                     "command resumes: finished tiles are skipped. " + SPEC_FORMS)
-    p.add_argument("spec", metavar="SPEC")
+    p.add_argument("spec", metavar="SPEC", help=SPEC_HELP)
     p.add_argument("--input", required=True, metavar="FILE.npy",
                    help="x1: examples on axis 0 (torch layout for torch models)")
     p.add_argument("--input2", metavar="FILE.npy", help="x2 (default: x2 = x1)")
@@ -49,12 +51,7 @@ def add_parser(subparsers) -> None:
                    help="examples per tile: N, ROWS,COLS, or auto (default: from the memory budget; "
                         "a resumed store keeps its own)")
     add_kernel_options(p)
-    p.add_argument("--implementation", default="auto", help="auto, jc, ntvp or sd (default auto)")
-    p.add_argument("--dtype", default=None, choices=["float32", "float64"],
-                   help="cast floating-point inputs (float64 turns on jax_enable_x64)")
-    p.add_argument("--outputs", type=int, default=None,
-                   help="passed as outputs=N to SPEC's callable, if it accepts it")
-    p.add_argument("--memory-budget-mb", type=float, default=None,
+    p.add_argument("--memory-budget-mb", type=float, default=None, metavar="MB",
                    help="memory per device for --tile auto (default: half the free memory)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar")
@@ -63,11 +60,10 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Computes (or resumes) the kernel; prints a one-line JSON summary on stdout."""
+    ntk_kwargs = kernel_kwargs(args)  # before any array: --dtype float64 turns on x64
     import jax
     import numpy as np
 
-    if args.dtype == "float64":
-        jax.config.update("jax_enable_x64", True)
     import entk
 
     x1 = load_examples(args.input, "--input", dtype=args.dtype, mmap=True)
@@ -77,9 +73,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--input2 {args.input2}: its examples have shape {x2.shape[1:]}, those "
                            f"of --input {args.input} {x1.shape[1:]}; both sides need the same")
     model = build_model(args.spec, x1, f"--input {args.input}", outputs=args.outputs)
-    ntk_fn = entk.empirical_ntk_fn(model, trace_axes=(-1,) if args.trace else (),
-                                   vmap_axes=args.vmap,
-                                   implementation=args.implementation)
+    ntk_fn = entk.empirical_ntk_fn(model, **ntk_kwargs)
     budget = None if args.memory_budget_mb is None else int(args.memory_budget_mb * 2 ** 20)
     # The NTK of x1 with itself is symmetric; when it is (N, N) only half the tiles are computed.
     outputs = jax.eval_shape(model.apply, model.params, np.asarray(x1[:2]))

@@ -15,14 +15,12 @@ import collections
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 
-from entk import _compilation_cache
+from entk import _compilation_cache, adapters
 from entk._get import canonical_get
-from entk import algorithms
 from entk.algorithms import Strategy
-from entk.algorithms._apply import output_shapes, split_kwargs
-from entk.algorithms.axes import KernelAxes, VmapAxes
+from entk.algorithms.axes import KernelAxes
+from entk.algorithms.call import kernel_settings, prepare
 from entk.model import ALL_STRATEGIES, Model
 
 PyTree = Any
@@ -42,7 +40,12 @@ def empirical_ntk_fn(f: Callable[..., PyTree] | Model, trace_axes: int | Sequenc
     """Returns `ntk_fn(x1, x2, params, **kw)`, the empirical NTK `J(x1) J(x2)ᵀ` of `f`.
 
     Args:
-      f: `f(params, x, **kw) -> array or pytree`, pure JAX, or an `entk.Model`.
+      f: the model: `f(params, x, **kw) -> array or pytree` (pure JAX), an `entk.Model`, a
+        `(flax_module, variables)` pair, a `torch.nn.Module`, or a Keras model / `tf.function`.
+        Framework models are converted when the kernel function is first called (the adapters
+        cache the conversion and read the current weights at every call); their inputs may be
+        the framework's own arrays (the kernel comes back as JAX arrays; `entk.ntk` gives the
+        framework's kind back).
       trace_axes: output axes to average over (default: the last, the logits).
       diagonal_axes: output axes on which only `x1`/`x2` entries with equal index are kept.
       vmap_axes: `None`, an int, `(in_axes, out_axes, kwargs_axes)`, or `"auto"`: where the batch axis
@@ -61,18 +64,25 @@ def empirical_ntk_fn(f: Callable[..., PyTree] | Model, trace_axes: int | Sequenc
       memory_budget: bytes `"auto"` may use (default: half the device's free memory).
 
     Returns:
-      `ntk_fn(x1, x2, params, **kw)`: the kernel, a pytree like `f`'s output, each leaf laid out
-      `(N1, N2, O1, O2, ...)` less traced axes and with diagonal axes once. Works under `jax.jit`.
+      `ntk_fn(x1, x2=None, params=None, **kw)`: the kernel, a pytree like `f`'s output, each leaf
+      laid out `(N1, N2, O1, O2, ...)` less traced axes and with diagonal axes once. `params=None`
+      means the model's own weights (required for a plain `f`). Works under `jax.jit` (pass
+      `params` there for a framework model, so its weights are not baked into the compiled code).
     """
-    f, capabilities = _unwrap_model(f)
-    axes = KernelAxes.create(trace_axes, diagonal_axes)
-    vmap = AUTO if _is_auto(vmap_axes) else VmapAxes.create(vmap_axes)
+    settings = dict(trace_axes=trace_axes, diagonal_axes=diagonal_axes, vmap_axes=vmap_axes,
+                    implementation=implementation, memory_budget=memory_budget)
+    if adapters.needs_example(f):
+        return _converting(f, "ntk", settings)
+    f, capabilities, own_params = _unwrap_model(f)
+    axes, vmap = kernel_settings(trace_axes, diagonal_axes, vmap_axes)
     strategy = Strategy.parse(implementation)
     _check_supported(strategy, capabilities)
 
-    def ntk_fn(x1: PyTree, x2: PyTree | None, params: PyTree, **apply_fn_kwargs: Any) -> PyTree:
+    def ntk_fn(x1: PyTree, x2: PyTree | None = None, params: PyTree = None,
+               **apply_fn_kwargs: Any) -> PyTree:
         _compilation_cache.enable()  # compile once per machine (see entk/_compilation_cache.py)
-        call = _prepare(f, x1, x2, params, apply_fn_kwargs, axes, vmap)
+        params = _params(params, own_params, "ntk_fn(x1, x2, params)")
+        call = prepare(f, x1, x2, params, apply_fn_kwargs, axes, vmap)
         chosen = strategy
         if strategy is Strategy.AUTO:
             from entk.algorithms import cost
@@ -80,9 +90,8 @@ def empirical_ntk_fn(f: Callable[..., PyTree] | Model, trace_axes: int | Sequenc
             chosen = cost.select(f, x1, call.x2, params, apply_fn_kwargs,
                                  {"trace_axes": trace_axes, "diagonal_axes": diagonal_axes,
                                   "vmap_axes": call.vmap},
-                                 capabilities=capabilities, memory_budget=memory_budget)
-        return algorithms.get(chosen)(f, call.x1, call.x2, params, call.kwargs1, call.kwargs2,
-                                      axes, call.vmap)
+                                 capabilities=capabilities, memory_budget=memory_budget, call=call)
+        return call.run(chosen)
 
     ntk_fn.__doc__ = f"Empirical NTK ({strategy.short_name}); see entk.empirical_ntk_fn."
     return ntk_fn
@@ -92,20 +101,23 @@ def empirical_nngp_fn(f: Callable[..., PyTree] | Model, trace_axes: int | Sequen
                       diagonal_axes: int | Sequence[int] = ()) -> KernelFn:
     """Returns `nngp_fn(x1, x2, params, **kw)`, the empirical NNGP `f(x1) f(x2)ᵀ` of `f`.
 
-    Same axis conventions and output layout as `empirical_ntk_fn`.
+    Same models, axis conventions, output layout and `params=None` default as `empirical_ntk_fn`.
     """
-    f, _ = _unwrap_model(f)
+    if adapters.needs_example(f):
+        return _converting(f, "nngp", dict(trace_axes=trace_axes, diagonal_axes=diagonal_axes))
+    f, _, own_params = _unwrap_model(f)
     axes = KernelAxes.create(trace_axes, diagonal_axes)
 
-    def nngp_fn(x1: PyTree, x2: PyTree | None, params: PyTree, **apply_fn_kwargs: Any) -> PyTree:
-        call = _prepare(f, x1, x2, params, apply_fn_kwargs, axes, None)
+    def nngp_fn(x1: PyTree, x2: PyTree | None = None, params: PyTree = None,
+                **apply_fn_kwargs: Any) -> PyTree:
+        params = _params(params, own_params, "nngp_fn(x1, x2, params)")
+        call = prepare(f, x1, x2, params, apply_fn_kwargs, axes, None)
         fx1 = f(params, call.x1, **call.kwargs1)
         fx2 = fx1 if call.x2 is None else f(params, call.x2, **call.kwargs2)
 
         def one_leaf(a: jax.Array, b: jax.Array) -> jax.Array:
             leaf_axes = axes.for_leaf(a.ndim)
-            canonical = leaf_axes.contract(a, b) / leaf_axes.trace_size(a.shape)
-            return leaf_axes.to_output_layout(canonical)
+            return leaf_axes.finish(leaf_axes.contract(a, b), a.shape)
 
         return jax.tree_util.tree_map(one_leaf, fx1, fx2)
 
@@ -118,15 +130,18 @@ def empirical_kernel_fn(f: Callable[..., PyTree] | Model, trace_axes: int | Sequ
     """Returns `kernel_fn(x1, x2=None, get=None, params=None, **kw)` computing NNGP and/or NTK.
 
     `get` is `"nngp"`, `"ntk"`, or a tuple of them (a namedtuple in that order comes back); `None`
-    means both (an `EmpiricalKernel(nngp, ntk)`).
+    means both (an `EmpiricalKernel(nngp, ntk)`). `f` is any model `empirical_ntk_fn` takes;
+    `params=None` means the model's own weights (required for a plain `f`).
     """
+    holds_weights = adapters.needs_example(f) or _unwrap_model(f)[2] is not None
     fns = {"nngp": empirical_nngp_fn(f, trace_axes, diagonal_axes),
            "ntk": empirical_ntk_fn(f, trace_axes, diagonal_axes, vmap_axes, implementation)}
 
     def kernel_fn(x1: PyTree, x2: PyTree | None = None, get: str | Sequence[str] | None = None,
                   params: PyTree = None, **apply_fn_kwargs: Any) -> Any:
-        if params is None:
-            raise TypeError("kernel_fn needs params=...: the parameters to differentiate.")
+        if params is None and not holds_weights:
+            raise TypeError("kernel_fn needs params=...: the parameters to differentiate (f is a "
+                            "plain function; pass the model object itself to use its weights).")
         names, single = canonical_get(get, ("nngp", "ntk"), default=("nngp", "ntk"), noun="kernel")
         values = [fns[name](x1, x2, params, **apply_fn_kwargs) for name in names]
         if single:
@@ -138,15 +153,23 @@ def empirical_kernel_fn(f: Callable[..., PyTree] | Model, trace_axes: int | Sequ
     return kernel_fn
 
 
-def empirical_ntk_vp_fn(f: Callable[..., PyTree] | Model, x1: PyTree, x2: PyTree | None,
-                        params: PyTree, **apply_fn_kwargs: Any) -> Callable[[PyTree], PyTree]:
+def empirical_ntk_vp_fn(f: Any, x1: PyTree, x2: PyTree | None = None, params: PyTree = None,
+                        **apply_fn_kwargs: Any) -> Callable[[PyTree], PyTree]:
     """Returns `v ↦ Θ(x1, x2) v` without forming Θ: a VJP through `f(x2)` then a JVP through `f(x1)`.
 
     `v` has the structure and shapes of `f(params, x2)`; the result those of `f(params, x1)`. No axis
-    is traced or averaged: this is the full kernel as a linear operator.
+    is traced or averaged: this is the full kernel as a linear operator. `f` is any model
+    `empirical_ntk_fn` takes (framework models are converted here, with `x1`; their inputs may be
+    the framework's arrays); `params=None` means the model's own weights.
     """
-    f, _ = _unwrap_model(f)
-    call = _prepare(f, x1, x2, params, apply_fn_kwargs, KernelAxes((), ()), None)
+    if adapters.needs_example(f):
+        f = adapters.to_model(f, x1, params=params)
+        to_jax, _ = adapters.array_converters(x1)
+        x1, x2 = jax.tree_util.tree_map(to_jax, (x1, x2))
+        params = None
+    f, _, own_params = _unwrap_model(f)
+    params = _params(params, own_params, "empirical_ntk_vp_fn(f, x1, x2, params)")
+    call = prepare(f, x1, x2, params, apply_fn_kwargs, KernelAxes((), ()), None)
     x2_, kw2 = (call.x1, call.kwargs1) if call.x2 is None else (call.x2, call.kwargs2)
     _, vjp2 = jax.vjp(lambda p: f(p, x2_, **kw2), params)
     _, jvp1 = jax.linearize(lambda p: f(p, call.x1, **call.kwargs1), params)
@@ -160,8 +183,11 @@ def empirical_ntk_vp_fn(f: Callable[..., PyTree] | Model, x1: PyTree, x2: PyTree
 def ntk(model: Any, x1: Any, x2: Any = None, *, params: PyTree = None, **ntk_kwargs: Any) -> Any:
     """The empirical NTK of any supported model in one call: arrays of the model's kind in and out.
 
-    `model` is an `entk.Model`, a PyTorch module, a Keras model or `tf.function`, or a plain
-    `f(params, x)` (then pass `params=`). Torch tensors in give a torch tensor out (TF and NumPy
+    `model` is an `entk.Model`, a PyTorch module, a Keras model or `tf.function`, a `(flax_module,
+    variables)` pair, or a plain `f(params, x)` (then pass `params=`). For the others `params`
+    defaults to the model's current weights (or give the pytree of `entk.adapters.to_model(model,
+    x).params`, or the framework's own tensors under those names, e.g.
+    `dict(module.named_parameters())`). Torch tensors in give a torch tensor out (TF and NumPy
     likewise). `ntk_kwargs` are those of `empirical_ntk_fn`, except that `vmap_axes` defaults to
     `"auto"` (per-example computation wherever the batch-independence analysis proves it right; pass
     `vmap_axes=None` for the whole batch at once). A model is converted once and its kernel
@@ -173,17 +199,15 @@ def ntk(model: Any, x1: Any, x2: Any = None, *, params: PyTree = None, **ntk_kwa
     float64 inputs are computed with JAX's 64-bit mode on for this call (`jax.enable_x64`), even in a
     process that runs JAX in 32 bits; float32 models and JAX arrays are left as they are.
     """
-    from entk import adapters
-
     ntk_kwargs.setdefault("vmap_axes", "auto")  # per-example wherever independence is proven
     with adapters.precision_scope(model, x1, x2, params):
         converted = adapters.to_model(model, x1, params=params, live=True)
         to_jax, to_native = adapters.array_converters(x1)
         jx1 = jax.tree_util.tree_map(to_jax, x1)
         jx2 = None if x2 is None else jax.tree_util.tree_map(to_jax, x2)
-        fn = _compiled_ntk_fn(converted, ntk_kwargs)
+        fn = _compiled_kernel_fn(converted, "ntk", ntk_kwargs)
         # Done before returning: the model's arrays may alias the torch module's tensors.
-        kernel = jax.block_until_ready(fn(jx1, jx2, converted.params if params is None else params))
+        kernel = jax.block_until_ready(fn(jx1, jx2, converted.params))
         return jax.tree_util.tree_map(lambda k: to_native(k, x1), kernel)
 
 
@@ -194,8 +218,10 @@ _COMPILED: "collections.OrderedDict[Any, tuple[Callable, dict]]" = collections.O
 _COMPILED_MAX = 64
 
 
-def _compiled_ntk_fn(model: Model, ntk_kwargs: dict) -> Callable[..., PyTree]:
-    """`(x1, x2, params) -> kernel`, jitted once per apply function, capabilities and settings."""
+def _compiled_kernel_fn(model: Model, kind: str, settings: dict) -> Callable[..., PyTree]:
+    """`(x1, x2, params) -> kernel`, jitted once per apply function, capabilities and settings.
+
+    `kind` is `"ntk"` (`empirical_ntk_fn(model, **settings)`) or `"nngp"`."""
     fn = model.apply_with_state
     entry = _COMPILED.get(id(fn))
     if entry is None or entry[0] is not fn:
@@ -204,13 +230,14 @@ def _compiled_ntk_fn(model: Model, ntk_kwargs: dict) -> Callable[..., PyTree]:
         while len(_COMPILED) > _COMPILED_MAX:
             _COMPILED.popitem(last=False)
     per_fn = entry[1]
-    key = (repr(sorted(ntk_kwargs.items())), tuple(sorted(model.capabilities)))
+    key = (kind, repr(sorted(settings.items())), tuple(sorted(model.capabilities)))
     if key not in per_fn:
         capabilities = model.capabilities
+        make = empirical_ntk_fn if kind == "ntk" else empirical_nngp_fn
 
         def kernel(x1, x2, params, state):
             bound = Model(fn, params, state, capabilities=capabilities)
-            return empirical_ntk_fn(bound, **ntk_kwargs)(x1, x2, params)
+            return make(bound, **settings)(x1, x2, params)
 
         per_fn[key] = jax.jit(kernel)
     compiled = per_fn[key]
@@ -218,26 +245,65 @@ def _compiled_ntk_fn(model: Model, ntk_kwargs: dict) -> Callable[..., PyTree]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Validation and argument preparation
-
-AUTO = "auto"  # `vmap_axes="auto"`: resolved per shapes by `batch_independence.auto_vmap_axes`
+# The model argument and its strategies (validation of a call: `entk.algorithms.call.prepare`)
 
 
-def _is_auto(vmap_axes: Any) -> bool:
-    return isinstance(vmap_axes, str) and vmap_axes.strip().lower() == AUTO
-
-
-class _Call(collections.namedtuple("_Call", "x1 x2 kwargs1 kwargs2 fx1 fx2 vmap")):
-    """A validated call: inputs (x2 None when it is x1), split kwargs, output shapes, and the
-    verified `VmapAxes` (`"auto"` resolved: None means the whole batch at once)."""
-
-
-def _unwrap_model(f: Any) -> tuple[Callable[..., PyTree], frozenset]:
+def _unwrap_model(f: Any) -> tuple[Callable[..., PyTree], frozenset, PyTree]:
+    """`(f(params, x, **kw), capabilities, own params or None)` of an `entk.Model`, a Flax pair or a
+    plain function (framework models go through `_converting` instead)."""
+    if adapters.is_flax_pair(f):
+        f = adapters.to_model(f)
     if isinstance(f, Model):
-        return f.apply, f.capabilities
+        return f.apply, f.capabilities, f.params
     if not callable(f):
-        raise TypeError(f"f must be a function f(params, x, **kw) or an entk.Model, got {type(f)}.")
-    return f, ALL_STRATEGIES
+        raise TypeError(f"f must be a model: a function f(params, x, **kw), an entk.Model, a "
+                        f"(flax_module, variables) pair, a torch.nn.Module or a Keras model; got "
+                        f"{type(f).__module__}.{type(f).__name__}.")
+    return f, ALL_STRATEGIES, None
+
+
+def _params(params: PyTree, own: PyTree, call: str) -> PyTree:
+    """The parameters to differentiate: `params`, else the model's own; refuses other frameworks'
+    tensors (e.g. `dict(module.named_parameters())` for a JAX function) with the call to make."""
+    if params is None:
+        if own is None:
+            raise TypeError(f"{call}: params is missing; f is a plain function f(params, x), which holds "
+                            f"no weights of its own. Pass params, or pass the model object itself "
+                            f"(an entk.Model, a torch.nn.Module, a Keras model, (flax_module, "
+                            f"variables)) to use its weights.")
+        return own
+    adapters.check_params(params)
+    return params
+
+
+def _converting(model: Any, kind: str, settings: dict) -> KernelFn:
+    """`kernel(x1, x2=None, params=None, **kw)` of a framework model, converted at call time.
+
+    The model is converted (`entk.adapters.to_model`, cached by the adapter, weights read at every
+    call) with `x1` as the example (zeros of its shape under `jax.jit`); inputs may be the
+    framework's arrays; `params=None` means the model's current weights, otherwise the model's
+    parameter pytree (JAX arrays, or the framework's tensors under the same names). The kernel is
+    computed by the compiled function `entk.ntk` uses, shared across calls and weight updates.
+    """
+    def kernel(x1: PyTree, x2: PyTree | None = None, params: PyTree = None,
+               **apply_fn_kwargs: Any) -> PyTree:
+        if params is None and adapters.is_traced((x1, x2)):
+            raise TypeError(f"The {kind} function of a {type(model).__name__} was called under "
+                            f"jax.jit without params, which would bake the current weights into the "
+                            f"compiled code; pass them: params = entk.adapters.to_model(model, "
+                            f"x).params, then jax.jit(kernel_fn)(x1, x2, params).")
+        with adapters.precision_scope(model, x1, x2, params):
+            converted = adapters.to_model(model, adapters.concrete_example(x1), params=params)
+            to_jax, _ = adapters.array_converters(x1)
+            jx1, jx2 = jax.tree_util.tree_map(to_jax, (x1, x2))
+            if apply_fn_kwargs:  # not cached: keyword arguments may be static or per call
+                make = empirical_ntk_fn if kind == "ntk" else empirical_nngp_fn
+                return make(converted, **settings)(jx1, jx2, converted.params, **apply_fn_kwargs)
+            return _compiled_kernel_fn(converted, kind, settings)(jx1, jx2, converted.params)
+
+    kernel.__doc__ = (f"Empirical {kind.upper()} of a {type(model).__name__} (x1, x2=None, params=None, "
+                      f"**kw); see entk.empirical_{kind}_fn.")
+    return kernel
 
 
 def _check_supported(strategy: Strategy, capabilities: frozenset) -> None:
@@ -245,83 +311,3 @@ def _check_supported(strategy: Strategy, capabilities: frozenset) -> None:
         raise ValueError(f"implementation={strategy.short_name!r} is not supported by this model "
                          f"(it supports {sorted(capabilities)}); e.g. a model that calls back into "
                          f"PyTorch or TensorFlow cannot use structured derivatives.")
-
-
-def _prepare(f, x1, x2, params, kwargs, axes: KernelAxes, vmap: VmapAxes | str | None) -> _Call:
-    _check_params(params)
-    if x2 is x1:
-        x2 = None
-    in_axes = (vmap.input_axes(x1) if isinstance(vmap, VmapAxes)
-               else jax.tree_util.tree_map(lambda _: 0, x1))
-    if x2 is not None:
-        _check_inputs(x1, x2, in_axes)
-    kwargs1, kwargs2 = split_kwargs(kwargs, x1, x2)
-    if x2 is None:
-        kwargs2 = kwargs1
-    fx1 = output_shapes(f, x1, kwargs1, params)
-    fx2 = fx1 if x2 is None else output_shapes(f, x2, kwargs2, params)
-    _check_outputs(fx1, fx2, axes)
-    if vmap == AUTO:
-        from entk.algorithms.batch_independence import auto_vmap_axes
-
-        vmap = auto_vmap_axes(f, x1, x2, params, kwargs1, kwargs2)
-    elif vmap is not None:
-        _check_batch_independent(f, x1, params, kwargs1, vmap)
-        if x2 is not None:
-            _check_batch_independent(f, x2, params, kwargs2, vmap)
-    return _Call(x1, x2, kwargs1, kwargs2, fx1, fx2, vmap)
-
-
-def _path(keypath) -> str:
-    return jax.tree_util.keystr(keypath) or "(root)"
-
-
-def _check_params(params: PyTree) -> None:
-    leaves = jax.tree_util.tree_leaves_with_path(params)
-    for path, leaf in leaves:
-        if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
-            raise TypeError(f"params{_path(path)} is a {type(leaf).__name__} ({leaf!r}), not an array; "
-                            f"parameters must be floating-point arrays (wrap it in jnp.asarray(..., "
-                            f"dtype=jnp.float32) or move it out of params).")
-        if not jnp.issubdtype(leaf.dtype, jnp.inexact):
-            raise TypeError(f"params{_path(path)} has dtype {leaf.dtype}; only floating-point "
-                            f"parameters can be differentiated. Move integer leaves (indices, "
-                            f"step counters) out of params, e.g. into the model's state or kwargs.")
-
-
-def _check_inputs(x1: PyTree, x2: PyTree, in_axes: PyTree) -> None:
-    s1, s2 = jax.tree_util.tree_structure(x1), jax.tree_util.tree_structure(x2)
-    if s1 != s2:
-        raise ValueError(f"x1 and x2 must have the same structure, got {s1} and {s2}.")
-    for (path, a), b, axis in zip(jax.tree_util.tree_leaves_with_path(x1),
-                                  jax.tree_util.tree_leaves(x2), jax.tree_util.tree_leaves(in_axes)):
-        sa, sb = list(jnp.shape(a)), list(jnp.shape(b))
-        if len(sa) != len(sb) or (sa[:axis] + sa[axis + 1:]) != (sb[:axis] + sb[axis + 1:]):
-            raise ValueError(f"x1{_path(path) if path else ''} has shape {tuple(sa)} and x2 has "
-                             f"{tuple(sb)}: they may differ only in the batch axis {axis}.")
-
-
-def _check_outputs(fx1: PyTree, fx2: PyTree, axes: KernelAxes) -> None:
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(fx1), jax.tree_util.tree_leaves(fx2)):
-        where = f"the output{_path(path) if path else ''} of shape {a.shape}"
-        leaf_axes = axes.for_leaf(len(a.shape), where)
-        for name, group in (("trace_axes", leaf_axes.trace), ("diagonal_axes", leaf_axes.diagonal)):
-            for axis in group:
-                if a.shape[axis] != b.shape[axis]:
-                    raise ValueError(
-                        f"{name} includes axis {axis} of {where}, which has size {a.shape[axis]} for "
-                        f"x1 but {b.shape[axis]} for x2; a {name[:-5]} axis pairs entries with equal "
-                        f"index, so both sizes must agree (e.g. use the same batch size for x1 and x2 "
-                        f"or drop axis {axis} from {name}).")
-
-
-def _check_batch_independent(f, x, params, kwargs, vmap: VmapAxes) -> None:
-    """Refuses `vmap_axes` for a model whose outputs mix examples, eagerly and under tracing alike.
-
-    A structural proof over `f`'s jaxpr, plus a numerical probe (whole batch vs one example at a
-    time) when values are concrete; both cached per function and shapes. See
-    `entk.algorithms.batch_independence`.
-    """
-    from entk.algorithms import batch_independence
-
-    batch_independence.check(f, x, params, kwargs, vmap)

@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from entk import adapters
+
 __all__ = ["as_matrix", "spectrum", "condition_number", "trace", "kernel_alignment", "kernel_distance",
            "effective_rank"]
 
@@ -50,15 +52,7 @@ _RTOL_HALF = 1e-2  # float16 / bfloat16
 
 def _to_numpy(x: ArrayLike, name: str) -> tuple[np.ndarray, np.dtype]:
     """`x` as a float64 NumPy array, plus the dtype it arrived in (for the symmetry tolerance)."""
-    top = (type(x).__module__ or "").split(".")[0]
-    if top == "torch":
-        x = x.detach()
-        if str(x.dtype) == "torch.bfloat16":
-            x = x.float()
-        x = x.cpu().numpy()
-    elif top in ("tensorflow", "keras", "tf_keras"):
-        x = x.numpy()
-    arr = np.asarray(x)
+    arr = adapters.to_numpy(x)
     if arr.dtype == object:
         raise TypeError(f"{name} is a {type(x).__module__}.{type(x).__name__} that cannot be read as a "
                         f"numeric array; pass a NumPy, JAX, torch or TensorFlow array.")

@@ -9,9 +9,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
+from entk.algorithms import capabilities as _capabilities
+
 PyTree = Any
 
-ALL_STRATEGIES = frozenset({"jc", "ntvp", "sd"})
+ALL_STRATEGIES = _capabilities()
+"""Every concrete strategy's short name (from `entk.algorithms.Strategy`): a pure JAX model's
+capabilities."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -24,9 +28,10 @@ class Model:
       state: constants the model needs but that are not differentiated (BatchNorm statistics, frozen
         weights, non-`params` Flax collections); `None` when there are none.
       source: where the model came from: `"jax"`, `"flax"`, `"stax"`, `"torch"`, `"tf"`, `"keras"`.
-      capabilities: the strategies (`"jc"`, `"ntvp"`, `"sd"`) that work on this model; e.g. a model that
-        calls back into PyTorch supports Jacobian contraction and NTK-vector products but not structured
-        derivatives, which need the model's jaxpr.
+      capabilities: the short names of the strategies that work on this model
+        (`entk.algorithms.capabilities`, e.g. `{"jc", "ntvp", "sd"}`); e.g. a model that calls back into
+        PyTorch supports Jacobian contraction and NTK-vector products but not structured derivatives,
+        which need the model's jaxpr.
       info: adapter details users may want (parameter names, input layout, export mode, ...).
 
     Identity semantics: two `Model`s are equal only if they are the same object, so a model can key a

@@ -49,24 +49,12 @@ def load_object(spec: str, **kwargs: Any) -> Any:
                       if v is not None and (takes_any or k in accepted)})
 
 
-def to_native_input(model: Any, x: np.ndarray) -> Any:
-    """`x` as the array type `model`'s framework expects (NumPy stays NumPy for JAX models)."""
-    from entk.adapters import _framework_of
-
-    framework = _framework_of(model)
-    if framework == "torch":
-        import torch
-
-        return torch.from_numpy(x)
-    if framework in ("tensorflow", "keras", "tf_keras"):
-        import tensorflow as tf
-
-        return tf.constant(x)
-    return x
-
-
 def load_model(spec: str, example_input: np.ndarray, *, outputs: int | None = None) -> Model:
-    """The `entk.Model` a SPEC names, converted with `example_input` (a NumPy batch) where needed."""
+    """The `entk.Model` a SPEC names, converted with `example_input` (a NumPy batch) where needed.
+
+    The model kinds `entk.adapters.to_model` takes go through it (the adapters take NumPy example
+    inputs); a stax triple and an `(f, params)` pair are the two forms only a SPEC has.
+    """
     from entk import adapters
 
     obj = load_object(spec, outputs=outputs)
@@ -74,7 +62,6 @@ def load_model(spec: str, example_input: np.ndarray, *, outputs: int | None = No
         init_fn, apply_fn, _ = obj
         _, params = init_fn(jax.random.PRNGKey(0), example_input.shape)
         return Model.from_function(apply_fn, params, source="stax")
-    is_pair = isinstance(obj, tuple) and len(obj) == 2
-    if is_pair and callable(obj[0]) and "flax" not in adapters._packages_of(obj[0]):
-        return Model.from_function(obj[0], obj[1])
-    return adapters.to_model(obj, to_native_input(obj, example_input))
+    if isinstance(obj, tuple) and len(obj) == 2 and callable(obj[0]) and not adapters.is_flax_pair(obj):
+        return adapters.to_model(obj[0], params=obj[1])
+    return adapters.to_model(obj, example_input)

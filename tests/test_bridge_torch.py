@@ -516,3 +516,48 @@ def test_non_differentiable_backward_makes_jvp_unavailable_not_wrong():
         jax.jvp(lambda p: model.apply(p, jx(x)), (model.params,), (model.params,))
     kernel = jax.jit(entk.empirical_ntk_fn(model, implementation="jc"))(jx(x), None, model.params)
     assert_close(kernel, torch_reference_ntk(module, x, x))  # reverse mode is unaffected
+
+
+_FIRST_JVP_SCRIPT = """
+import json, warnings
+import jax
+import numpy as np
+import torch
+import entk
+jax.config.update("jax_enable_x64", True)
+from entk.adapters.torch.bridge import bridge_model
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    model = bridge_model(module, torch.zeros(2, 3, dtype=torch.float64))
+    x = np.random.default_rng(0).standard_normal((2, 3))
+    ntvp = entk.empirical_ntk_fn(model, implementation="ntvp")(x, None, model.params)
+    jc = entk.empirical_ntk_fn(model, implementation="jc")(x, None, model.params)
+print(json.dumps({"method": model.info["forward_mode"].method,
+                  "max_diff": float(np.max(np.abs(np.asarray(ntvp) - np.asarray(jc)))),
+                  "warnings": [[w.category.__name__, str(w.message)[:200], w.filename]
+                               for w in caught]}))
+"""
+
+
+def test_first_forward_mode_call_raises_no_torch_deprecation_warning():
+    # Torch's first torch.func.jvp in a process loads its forward-mode decompositions, which call the
+    # deprecated torch.jit.script from inside torch: a fresh process is the point of this test.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", _FIRST_JVP_SCRIPT], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["method"] == "torch.func.jvp"  # forward mode really ran
+    assert result["max_diff"] < 1e-10  # and gave the same kernel as reverse mode
+    from_torch = [w for w in result["warnings"]
+                  if w[0] in ("FutureWarning", "DeprecationWarning")
+                  and ("torch.jit" in w[1] or os.sep + "torch" + os.sep in w[2])]
+    assert not from_torch, from_torch

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 import entk
-from entk.algorithms import Strategy, cost
+from entk.algorithms import Strategy, cost, device
 from tests import jax_models
 from tests.reference import assert_close, brute_force_ntk
 
@@ -49,13 +49,10 @@ def test_report_fields_are_present_and_sane(report):
     assert report.to_dict()["rows"][0].keys() == report.rows[0].keys()
     text = str(report)
     assert "jc" in text and "ntvp" in text and f"auto picks {report.auto}" in text
-
-
-def test_plot_writes_png(report, tmp_path):
-    pytest.importorskip("matplotlib")
-    path = tmp_path / "cmp.png"
-    report.plot(str(path))
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The calibration behind the predicted times, with its date and per-primitive rates.
+    cal = cost.calibration()
+    assert report.calibration == cal.summary() and report.to_dict()["calibration"] == cal.summary()
+    assert cal.summary() in text and cal.measured_at[:10] in text and "conv weight-grad" in text
 
 
 def _flops(f, x1, params, strategy, ntk_kw):
@@ -149,12 +146,18 @@ def test_near_tie_is_broken_by_timing_both_candidates(monkeypatch):
     assert all(est.measured_s is None for est in estimates)
 
 
-def test_calibration_is_cached_on_disk(monkeypatch):
-    cal = cost.calibration()
+def test_calibration_is_cached_on_disk(monkeypatch, tmp_path):
+    monkeypatch.setenv("ENTK_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(device, "_CALIBRATIONS", {})
+    cal = cost.calibration()  # a real measurement
     assert cal.flop_rate(4) > 0 and cal.bytes_per_s > 0 and cal.op_overhead_s >= 0
-    cost._CALIBRATIONS.clear()
-    monkeypatch.setattr(cost, "_measure", lambda device: pytest.fail("re-measured"))
-    assert cost.calibration() == cal
+    # Stored only when plausible: on a machine busy enough to distort the micro-benchmarks the
+    # figures are clamped and kept for this process only (tests/test_calibration.py fakes both cases).
+    assert device.calibration_path().exists() == cal.plausible
+    if cal.plausible:
+        device._CALIBRATIONS.clear()
+        monkeypatch.setattr(device, "_measure", lambda dev: pytest.fail("re-measured"))
+        assert cost.calibration() == cal
 
 
 def test_cli_compare_writes_json_and_png(tmp_path, capsys):
@@ -169,7 +172,12 @@ def test_cli_compare_writes_json_and_png(tmp_path, capsys):
     assert {row["strategy"] for row in data["rows"]} >= {"jc", "ntvp"}
     assert data["auto"] in {row["strategy"] for row in data["rows"]}
     assert png_path.read_bytes()[:4] == b"\x89PNG"
-    assert "auto picks" in capsys.readouterr().out
+    # The report (and the plot's title, tests/test_compare_plot.py) names the SPEC and the shapes.
+    assert data["model"].startswith("examples/jax_models.py:mlp (entk.Model")
+    assert data["shapes"]["x1"] == [3, 32] and data["shapes"]["output"] == [3, 4]
+    assert data["shapes"]["x2"] is None and data["shapes"]["params"] > 0
+    out = capsys.readouterr().out
+    assert "auto picks" in out and out.startswith("examples/jax_models.py:mlp (entk.Model")
 
 
 def _notes(error: BaseException) -> str:
@@ -206,15 +214,15 @@ def test_calibration_inside_jit_runs_its_benchmarks(monkeypatch, tmp_path):
     calibration's micro-benchmarks must still run on concrete arrays, not be staged into that trace
     (which timed nothing and cached rates ~10x the machine's)."""
     monkeypatch.setenv("ENTK_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(cost, "_CALIBRATIONS", {})
+    monkeypatch.setattr(device, "_CALIBRATIONS", {})
     results = []
-    median_time = cost._median_time
+    median_time = device._median_time
 
     def recording(fn, repeats):
         results.append(fn())
         return median_time(fn, 1)
 
-    monkeypatch.setattr(cost, "_median_time", recording)
+    monkeypatch.setattr(device, "_median_time", recording)
     jax.jit(lambda x: x + cost.calibration().overhead_s)(jnp.ones(()))
     assert results and not any(isinstance(r, jax.core.Tracer) for r in results)
     assert list(tmp_path.glob("calibration-*.json"))

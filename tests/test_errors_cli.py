@@ -104,3 +104,94 @@ def test_compare_reports_the_input_shape_error_not_out_of_budget(capsys):
     assert "OutOfBudgetError" not in err
     assert re.search(r"cannot take --input-shape 7 \(examples of shape \(7,\), float32\): TypeError: "
                      r"dot_general requires contracting dimensions .* \(7,\) and \(32,\)", err), err
+
+
+# ----------------------------------------------------------------------------------------------
+# Every command: usage errors exit 2 (argparse), entk's own errors exit 1 in one line, --debug
+
+
+def _no_traceback_error_line(stderr: str, command: str) -> str:
+    line = _one_line(stderr, f"entk {command}: error: ")
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    return line
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["ntk", SPEC, "--store", "k.zarr"], "the following arguments are required: --input"),
+    (["ntk", SPEC, "--input", "x.npy", "--store", "k.zarr", "--implementation", "fast"],
+     "argument --implementation: invalid choice: 'fast'"),
+    (["ntk", SPEC, "--input", "x.npy", "--store", "k.zarr", "--tile", "0"], "argument --tile"),
+    (["compare", SPEC, "--input-shape", "3,x"], "argument --input-shape"),
+    (["compare", SPEC, "--input-shape", "32", "--batch", "0"], "'0' is not a positive integer"),
+    (["spectrum", SPEC, "--input", "x.npy", "--top", "0"], "'0' is not a positive integer"),
+    (["spectrum", SPEC, "--input", "x.npy", "--dtype", "float16"], "argument --dtype"),
+    (["cache", "drop"], "invalid choice: 'drop'"),
+    (["nonsense"], "invalid choice: 'nonsense'"),
+])
+def test_usage_errors_exit_2_with_argparse_message(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("usage: entk"), err
+    assert message in err.strip().splitlines()[-1], err
+
+
+def test_own_errors_are_one_line_exit_1_and_debug_shows_the_traceback(tmp_path, capsys):
+    from entk.cli import CommandError
+
+    x = _save(tmp_path, "x", np.ones((3, 32), np.float32))
+    store = str(tmp_path / "k.zarr")
+    cases = [
+        (["ntk", "examples/no_such_file.py:mlp", "--input", x, "--store", store],
+         "SPEC file 'examples/no_such_file.py' does not exist"),
+        (["ntk", "examples/jax_models.py:no_such_model", "--input", x, "--store", store],
+         "module 'examples/jax_models.py' has no attribute 'no_such_model'"),
+        (["ntk", SPEC, "--input", str(tmp_path / "missing.npy"), "--store", store],
+         "missing.npy: cannot be read as a .npy array (FileNotFoundError"),
+        (["spectrum", "no_colon_in_spec", "--input", x], "must look like package.module:callable"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 1
+        line = _no_traceback_error_line(capsys.readouterr().err, argv[0])
+        assert message in line, line
+        # --debug, before or after the subcommand: the exception itself, with its traceback.
+        for debug_argv in (["--debug", *argv], [*argv, "--debug"]):
+            with pytest.raises(CommandError, match=re.escape(message)):
+                main(debug_argv)
+    assert not os.path.exists(store)
+
+
+def test_errors_outside_the_inputs_are_one_line_too(tmp_path, capsys):
+    # A store holding another kernel (entk.scale.StoreMismatchError, a multi-line message).
+    x = _save(tmp_path, "x", np.ones((4, 32), np.float32))
+    other = _save(tmp_path, "other", np.full((4, 32), 2.0, np.float32))
+    store = str(tmp_path / "k.zarr")
+    argv = ["ntk", SPEC, "--store", store, "--tile", "2", "--no-progress", "--implementation", "jc"]
+    assert main([*argv, "--input", x]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--input", other]) == 1
+    line = _no_traceback_error_line(capsys.readouterr().err, "ntk")
+    assert "StoreMismatchError: The kernel store" in line and "x1 holds other values" in line
+    assert "--debug" in line, "an unexpected error says how to see its traceback"
+    from entk.scale import StoreMismatchError
+
+    with pytest.raises(StoreMismatchError):
+        main(["--debug", *argv, "--input", other])
+    # `entk cache clear` without saying what: entk's own error, one line.
+    assert main(["cache", "clear"]) == 1
+    assert "say what to clear" in _no_traceback_error_line(capsys.readouterr().err, "cache")
+
+
+def test_debug_prints_the_traceback_in_a_fresh_process(tmp_path):
+    # What a user sees on the terminal: one line without --debug, the traceback with it.
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "entk.cli", "spectrum", SPEC, "--input", str(tmp_path / "x.npy")]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    plain = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    debug = subprocess.run([*argv, "--debug"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert plain.returncode == 1 and plain.stderr.startswith("entk spectrum: error: "), plain.stderr
+    assert len(plain.stderr.strip().splitlines()) == 1, plain.stderr
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+    assert "entk.cli.CommandError: --input " in debug.stderr and "x.npy: cannot be read" in debug.stderr

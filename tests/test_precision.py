@@ -17,6 +17,8 @@ import textwrap
 
 import pytest
 
+from entk import _xla_cpu
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 SCRIPT = """
@@ -120,3 +122,42 @@ def test_float64_is_computed_in_float64_without_x64():
     if result.returncode != 0:
         pytest.fail(f"stdout:\n{result.stdout}\nstderr (last 3000 chars):\n{result.stderr[-3000:]}")
     assert result.stdout.strip().endswith("OK"), result.stdout
+
+
+LATE_IMPORT = """
+import warnings
+import jax.numpy as jnp
+import numpy as np
+g = np.random.default_rng(0).standard_normal((8, 1, 64, 64)).astype(np.float32)
+c = np.random.default_rng(1).standard_normal((1, 64, 64)).astype(np.float32)
+chain = lambda g, c: jnp.sum(c * jnp.sum(g, -1, keepdims=True), -1)
+exact = np.sum(c.astype(np.float64) * g.astype(np.float64).sum(-1, keepdims=True), -1)
+{before}
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import entk
+{after}
+import jax, os
+err = float(np.nanmax(np.abs(np.asarray(jax.jit(chain)(g, c)) - exact)) / np.abs(exact).max())
+flag = "--xla_cpu_experimental_ynn_fusion_type=-reduce" in os.environ.get("XLA_FLAGS", "")
+warned = any("YNNPACK" in str(w.message) for w in caught)
+print(flag, warned, "exact" if err < 1e-5 else "WRONG")
+"""
+
+
+@pytest.mark.skipif(_xla_cpu._jaxlib_minor() not in _xla_cpu.AFFECTED_JAXLIB,
+                    reason="a jaxlib without the miscompiling YNNPACK reduce fusion")
+@pytest.mark.parametrize("order, expected", [("entk first", "True False exact"),
+                                             ("jax first", "False True")])
+def test_xla_cpu_fusion_is_off_or_the_user_is_told(order, expected):
+    """`import entk` before JAX's first array turns the miscompiling fusion off (the reduce chain comes
+    out exact in float32); imported after, it cannot, and it warns instead of staying silent."""
+    before = "jnp.ones(2).block_until_ready()" if order == "jax first" else ""
+    script = LATE_IMPORT.format(before=before, after="")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("XLA_FLAGS", "ENTK_XLA_CPU_WORKAROUND", "JAX_ENABLE_X64")}
+    env["JAX_PLATFORMS"] = "cpu"
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().startswith(expected), result.stdout

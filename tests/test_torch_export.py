@@ -4,6 +4,8 @@
   PyTorch's own forward pass in float32 to 1e-5 relative.
 - On the small models, the float64 eNTK of every available strategy matches a torch.func reference
   (per-example `jacrev` under `vmap`, contracted by hand below) to 1e-10.
+- Float32 eNTKs through a normalization's derivative (timm's weight-standardized convolutions) are as
+  accurate as PyTorch's float32, i.e. `entk._xla_cpu`'s XLA:CPU work-around is in effect.
 - Conversion details (parameter names, frozen/tied weights, buffers, train/eval mode, the conversion
   cache, torch tensors in and out) and the error messages.
 
@@ -573,3 +575,49 @@ def test_non_float_inputs_are_refused_clearly(cnn):
     model = from_torch(module, x, mode="export")
     with pytest.raises(TypeError, match="floating-point"):
         model(jnp.zeros(x.shape, jnp.int32))
+
+
+class WeightStandardizedConv(nn.Module):
+    """timm's ScaledStdConv2d (NF-ResNets): the weight is batch-normalized per output channel,
+    `F.batch_norm(weight.reshape(1, out, -1), training=True)`, before a 1x1 convolution."""
+
+    def __init__(self, c_in=256, c_out=512):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 1)
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, c_out))
+
+    def forward(self, x):
+        w = torch.nn.functional.batch_norm(self.conv.weight.reshape(1, self.conv.out_channels, -1),
+                                           None, None, weight=self.gain, training=True, eps=1e-5)
+        y = torch.nn.functional.conv2d(x, w.reshape_as(self.conv.weight), self.conv.bias)
+        y = y.reshape(y.shape[0], -1)
+        return y[:, :4] + y.mean(1, keepdim=True)
+
+
+def test_float32_ntk_of_weight_standardized_conv_matches_torch_float64():
+    """A float32 eNTK through a normalization's derivative, jitted, is as accurate as PyTorch's own
+    float32 (~1e-6 of the float64 value): XLA:CPU's YNNPACK reduce fusion (jaxlib 0.10) miscompiles
+    its reduce -> broadcast -> reduce chain (17% off for this module), which `entk._xla_cpu` turns off
+    at `import entk`."""
+    torch.manual_seed(0)
+    module = WeightStandardizedConv().eval()
+    x = _normal(2, 256, 4, 4)
+    model = from_torch(module, x, mode="export")
+    kernel_fn = entk.empirical_ntk_fn(model, implementation="jc", vmap_axes=None)
+    kernel = jax.jit(lambda p, a: kernel_fn(a, None, p))(model.params, to_jax(x))
+    assert kernel.dtype == jnp.float32
+    reference = torch_func_ntk(module.double(), x.double(), None)
+    assert _relative_error(kernel, reference) <= 1e-5
+
+
+def test_xla_cpu_reduce_broadcast_reduce_chain_is_exact_in_float32():
+    """The XLA:CPU pattern itself, in plain JAX: `sum(c * sum(g, -1), -1)` jitted in float32 against
+    float64 (without the work-around: NaN / 1e32 entries on jaxlib 0.10.2)."""
+    def chain(g, c):
+        return jnp.sum(c * jnp.sum(g, -1, keepdims=True), -1)
+
+    rng = np.random.default_rng(0)
+    g, c = rng.normal(size=(8, 1, 64, 64)), rng.normal(size=(1, 64, 64))
+    out = jax.jit(chain)(g.astype(np.float32), c.astype(np.float32))
+    assert _relative_error(out, chain(g, c)) <= 1e-5
+

@@ -31,18 +31,21 @@ differentiates only the parameters never asks the foreign framework for input de
   without a copy where it accepts the buffer; batched ones are reshaped NumPy views.
 
 A framework plugs in with a `ForeignBackend` (array conversion and vmap) and a `ForeignFunction`
-(primal, jvp and vjp callables working on that framework's tensors). Nothing here imports a
+(primal, jvp and vjp callables working on that framework's tensors). A framework *model* becomes an
+`entk.Model` through `build_bridge`, configured by a `BridgeConfig` (how to call the model on its
+operands, its native JVP / VJP, its named tensors and input structure). Nothing here imports a
 framework.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 import threading
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +53,11 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-__all__ = ["ForeignBackend", "ForeignFunction", "foreign_call_p", "infer_out_specs_by_running"]
+from entk.algorithms import capabilities
+from entk.model import Model
+
+__all__ = ["ForeignBackend", "ForeignFunction", "foreign_call_p", "infer_out_specs_by_running",
+           "treedef_of", "BridgeConfig", "build_bridge"]
 
 Tensor = Any  # a tensor of the foreign framework
 Spec = jax.ShapeDtypeStruct
@@ -274,6 +281,156 @@ def infer_out_specs_by_running(backend: ForeignBackend, primal: Callable[..., Se
         h = backend.to_host(o)
         specs.append(Spec(h.shape, h.dtype))
     return tuple(specs)
+
+
+def treedef_of(skeleton: Any) -> jax.tree_util.PyTreeDef:
+    """The JAX tree structure of a framework output's skeleton: its nesting (tuples / lists / dicts)
+    with `None` where each tensor was, so the foreign function's flat outputs unflatten into it."""
+    return jax.tree_util.tree_structure(skeleton, is_leaf=lambda x: x is None)
+
+
+# --- a framework model as an entk.Model: the one builder both bridges configure ---------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BridgeConfig:
+    """What `build_bridge` needs to know about one framework model; everything framework-specific.
+
+    The foreign function takes every operand flat: the named tensors (`tensors`: the `n_params`
+    parameters, then the state tensors), then the input leaves.
+
+    Attributes:
+      backend: array conversion and vmap in the framework.
+      name: the foreign function's name, for messages (`"torch bridge of MLP"`).
+      source: `Model.source` (`"torch"`, `"keras"`, `"tf"`); `label` names the framework in errors.
+      tensors: `(name, native tensor)` per named operand, in operand order; the values the model's
+        `params` and `state` start from.
+      n_params: how many leading `tensors` are differentiated (`Model.params`, a flat dict).
+      state_groups: how the other tensors form `Model.state`: `(group, count)` pairs in operand
+        order; group `None` puts the names at the top level of the state dict.
+      example_inputs: the example input's leaves (native tensors).
+      input_leaves: `x -> its leaves`, in operand order; raises on a structure the model does not take.
+      call: `call(operands) -> native output` (a nest of tensors): the model on every operand.
+      flatten_output: native output -> (tensor leaves, the nest with `None` per tensor).
+      jvp: `jvp(primal, argnums, xs, tangents) -> one tangent per output`: the framework's forward
+        mode for `primal(*xs) -> output leaves` in `xs[i] for i in argnums`.
+      vjp: `vjp(primal, argnums, xs, cotangents) -> one cotangent per argnums entry`.
+      is_tensor: whether an input leaf is a framework tensor (then read with `backend.to_host`).
+      inference: a context for runs that only want output shapes (`torch.no_grad`).
+      example_run: a context around the first run, on the example (binds captured variables).
+      host_entry: `(primal, jvp, vjp) -> (primal, jvp, vjp)` as the `ForeignFunction` calls them
+        (TF compiles each per signature); `None` keeps them.
+      probe_jvp: `probe_jvp(primal, example_operands) -> bool`, asked after the example run: whether
+        JVPs work (else the model offers only `"jc"`); `None`: they do.
+      param_word: what a parameter is called in errors (`"parameter"`, `"trainable variable"`);
+        `nonfloat_hint` says how to keep a non-floating one out of the parameters.
+      missing_params: the error for a `params` dict lacking names (formatted with `{missing}`).
+      info: `Model.info`; `mode="bridge"` and `foreign_function` are added.
+    """
+
+    backend: ForeignBackend
+    name: str
+    source: str
+    label: str
+    tensors: Sequence[tuple[str, Tensor]]
+    n_params: int
+    state_groups: Sequence[tuple[str | None, int]]
+    example_inputs: Sequence[Tensor]
+    input_leaves: Callable[[Any], list]
+    call: Callable[[tuple], Any]
+    flatten_output: Callable[[Any], tuple[list, Any]]
+    jvp: Callable[[Callable, tuple, tuple, tuple], Sequence[Tensor]]
+    vjp: Callable[[Callable, tuple, tuple, tuple], Sequence[Tensor]]
+    is_tensor: Callable[[Any], bool]
+    param_word: str
+    nonfloat_hint: str
+    missing_params: str
+    info: dict
+    inference: Callable[[], ContextManager] = contextlib.nullcontext
+    example_run: Callable[[], ContextManager] = contextlib.nullcontext
+    host_entry: Callable[[Callable, Callable, Callable], tuple[Callable, Callable, Callable]] | None = None
+    probe_jvp: Callable[[Callable, list], bool] | None = None
+
+
+def build_bridge(config: BridgeConfig) -> Model:
+    """An `entk.Model` calling a framework model through a `ForeignFunction` (torch and TF bridges).
+
+    Builds the primal (recording the output structure on its first run), the JVP and VJP from
+    `config`, the `ForeignFunction`, and `params` / `state` from `config.tensors`; runs the model once
+    on the example, which validates it; then `apply_with_state(params, state, x)` passes the params,
+    the state tensors and `x`'s leaves, and unflattens the outputs into the recorded structure.
+    """
+    c = config
+    names = [n for n, _ in c.tensors]
+    with c.inference():
+        values = [c.backend.to_host(t) for _, t in c.tensors]
+    for name, value in zip(names[:c.n_params], values):
+        if not np.issubdtype(value.dtype, np.floating):
+            raise TypeError(f"bridge_model: {c.param_word} {name!r} has dtype {value.dtype}; only "
+                            f"floating-point {c.param_word}s can be differentiated. {c.nonfloat_hint}")
+    skeleton: list[Any] = []
+
+    def primal(*ops: Tensor) -> tuple[Tensor, ...]:
+        leaves, skel = c.flatten_output(c.call(ops))
+        if not skeleton:
+            skeleton.append(skel)
+        return tuple(leaves)
+
+    def jvp(argnums: tuple, xs: tuple, tangents: tuple) -> Sequence[Tensor]:
+        return c.jvp(primal, argnums, xs, tangents)
+
+    def vjp(argnums: tuple, xs: tuple, cotangents: tuple) -> Sequence[Tensor]:
+        return c.vjp(primal, argnums, xs, cotangents)
+
+    def out_specs(specs: tuple[Spec, ...]) -> tuple[Spec, ...]:
+        with c.inference():
+            return infer_out_specs_by_running(c.backend, primal, specs)
+
+    entry = (primal, jvp, vjp) if c.host_entry is None else c.host_entry(primal, jvp, vjp)
+    foreign = ForeignFunction(c.backend, *entry, out_specs, name=c.name)
+
+    params = {n: jnp.asarray(v) for n, v in zip(names[:c.n_params], values)}
+    state: dict = {}
+    groups, start = [], c.n_params
+    for group, count in c.state_groups:
+        group_names = names[start:start + count]
+        group_values = {n: jnp.asarray(v) for n, v in zip(group_names, values[start:start + count])}
+        (state if group is None else state.setdefault(group, {})).update(group_values)
+        groups.append((group, group_names))
+        start += count
+    if start != len(names):
+        raise ValueError(f"{c.name}: state_groups cover {start - c.n_params} of "
+                         f"{len(names) - c.n_params} state tensors.")
+    inputs = [c.backend.to_host(x) for x in c.example_inputs]
+    example_specs = [Spec(v.shape, v.dtype) for v in values + inputs]
+
+    with c.example_run(), c.inference():
+        foreign.out_specs(example_specs)  # runs the model once: validates it, records outputs
+    out_treedef = treedef_of(skeleton[0])
+    has_jvp = True
+    if c.probe_jvp is not None:
+        has_jvp = c.probe_jvp(primal, [t for _, t in c.tensors] + list(c.example_inputs))
+
+    def to_jax(x: Any) -> jax.Array:
+        return jnp.asarray(c.backend.to_host(x) if c.is_tensor(x) else x)
+
+    def apply_with_state(params: dict, state: Any, x: Any, **kwargs: Any) -> Any:
+        if kwargs:
+            raise TypeError(f"a {c.label} bridge model takes no keyword arguments, got {sorted(kwargs)}.")
+        leaves = c.input_leaves(x)
+        missing = [n for n in names[:c.n_params] if n not in params]
+        if missing:
+            raise KeyError(c.missing_params.format(missing=missing[:5]))
+        flat = [params[n] for n in names[:c.n_params]]
+        for group, group_names in groups:
+            held = state if group is None else state[group]
+            flat += [held[n] for n in group_names]
+        flat += [to_jax(a) for a in leaves]
+        return jax.tree_util.tree_unflatten(out_treedef, foreign(*flat))
+
+    info = {"mode": "bridge", **c.info, "foreign_function": foreign}
+    return Model(apply_with_state, params, state, source=c.source, info=info,
+                 capabilities=capabilities(jvp=has_jvp, jaxpr=False))
 
 
 # --- the primitive ---------------------------------------------------------------------------------

@@ -105,6 +105,13 @@ class LeafAxes:
         perm = self._output_permutation()
         return canonical if perm == tuple(range(len(perm))) else jnp.transpose(canonical, perm)
 
+    def finish(self, summed: jax.Array, shape1: Sequence[int], dtype: Any = None) -> jax.Array:
+        """The leaf's kernel from its canonical-order sum: divided by the trace size (the trace
+        becomes a mean; `shape1` is the x1 output leaf's shape), cast to `dtype` if given, and
+        transposed to the output layout. The one ending every strategy shares."""
+        kernel = summed / self.trace_size(shape1)
+        return self.to_output_layout(kernel if dtype is None else kernel.astype(dtype))
+
     def contract(self, a: jax.Array, b: jax.Array, n_out: int | None = None,
                  precision: Any = lax.Precision.HIGHEST) -> jax.Array:
         """Σ over trailing dims and traced axes of `a ⊗ b`, diagonal axes batched, in canonical order.

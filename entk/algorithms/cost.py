@@ -1,10 +1,12 @@
 """Cost model: FLOPs, bytes and memory of each strategy, a predicted time, and `"auto"`'s choice.
 
 For a given model, shapes, dtypes and axes, each strategy's kernel function is *lowered* (traced to
-StableHLO, no XLA compilation) and XLA's cost analysis gives its FLOPs and bytes accessed. A predicted
-time is `flops / flop_rate + FUSED_BYTES_FRACTION · bytes / bandwidth + ops · op_overhead + call
-overhead`, with the device constants measured once per device kind by a short micro-benchmark and
-cached on disk (`$ENTK_CACHE_DIR`, default `~/.cache/entk`).
+StableHLO, no XLA compilation) and XLA's cost analysis gives its FLOPs and bytes accessed; the FLOPs
+are split by primitive class (`entk.algorithms.program_flops`: matmuls, convolutions, convolution
+weight gradients, the rest). A predicted time is `Σ_class flops_class / rate_class +
+FUSED_BYTES_FRACTION · bytes / bandwidth + ops · op_overhead + call overhead` (`predict_seconds`),
+with the per-class rates and the overheads measured on the machine and checked against its physical
+peak (`entk.algorithms.device.calibration`).
 
 Memory: the bytes accessed by the unoptimised program bound its peak memory from above (nothing can be
 live that was never written), so a strategy whose bound fits the budget fits for sure without compiling.
@@ -19,10 +21,7 @@ axes, budget).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import pathlib
 import time
 from typing import Any, Callable, Iterable
 
@@ -30,14 +29,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from entk import _compilation_cache, algorithms
 from entk.algorithms import Strategy, concrete_strategies
 from entk.algorithms import decision_cache
 from entk.algorithms._apply import split_kwargs
+from entk.algorithms.call import PreparedCall, kernel_settings, prepare
+from entk.algorithms.device import (CALIBRATION_VERSION, Calibration, OutOfBudgetError,
+                                    calibration, default_memory_budget, device_key)
+from entk.algorithms.program_flops import classify
 
 PyTree = Any
-
-# Fraction of the device's free memory `"auto"` allows itself by default.
-DEFAULT_BUDGET_FRACTION = 0.5
 
 # Share of the unoptimised program's bytes that still reach memory after XLA's fusion. Cost analysis of
 # the lowered (unfused) program counts every intermediate of every elementwise op, so this over-counts
@@ -54,130 +55,6 @@ FUSED_BYTES_FRACTION = 1.0
 # on every call (a WideResNet block at N=32 in `benchmarks/run.py --suite full`).
 MEASURE_WITHIN = 1.5
 MEASURE_UNDER_S = 1.0
-
-
-# ----------------------------------------------------------------------------------------------
-# Device calibration
-
-
-@dataclasses.dataclass(frozen=True)
-class Calibration:
-    """Throughput of the current device: FLOP/s per dtype width, bytes/s, per-op and per-call overhead."""
-
-    device_kind: str
-    flops_per_s: dict          # {"4": float32 rate, "8": float64 rate}
-    bytes_per_s: float
-    op_overhead_s: float       # cost of one small non-fusible operation (a kernel launch / thunk)
-    overhead_s: float          # cost of one call of a compiled function
-
-    def flop_rate(self, itemsize: int) -> float:
-        return self.flops_per_s.get(str(itemsize), self.flops_per_s["4"])
-
-
-def _cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("ENTK_CACHE_DIR", pathlib.Path.home() / ".cache" / "entk"))
-
-
-def _device_key(device: jax.Device) -> str:
-    return f"{device.platform}-{device.device_kind}".replace(" ", "_").replace("/", "_")
-
-
-def _median_time(fn: Callable[[], Any], repeats: int) -> float:
-    """The median of `repeats` calls after a warm-up (the fastest call is no better: one early-return
-    outlier once calibrated a 2-core CPU at 1.4 TFLOP/s)."""
-    jax.block_until_ready(fn())  # warm-up (and compile)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def _measure(device: jax.Device) -> Calibration:
-    rates = {}
-    n = 512
-    for dtype in (jnp.float32, jnp.float64):
-        if dtype == jnp.float64 and not jax.config.jax_enable_x64:
-            continue
-        a = jax.device_put(jnp.ones((n, n), dtype), device)
-        matmul = jax.jit(lambda m: m @ m)
-        rates[str(jnp.dtype(dtype).itemsize)] = 2 * n ** 3 / _median_time(lambda: matmul(a), 5)
-    rates.setdefault("8", rates["4"] / 2)
-    v = jax.device_put(jnp.ones((1 << 22,), jnp.float32), device)
-    add = jax.jit(lambda u: u + 1.0)
-    bandwidth = 2 * v.nbytes / _median_time(lambda: add(v), 5)
-    s = jax.device_put(jnp.ones((), jnp.float32), device)
-    overhead = _median_time(lambda: add(s), 20)
-    m = jax.device_put(jnp.eye(8, dtype=jnp.float32), device)
-
-    def chain(u):  # dependent small matmuls: nothing to fuse, so each costs one operation
-        for _ in range(_CHAIN):
-            u = jnp.tanh(u @ m)
-        return u
-
-    chained = jax.jit(chain)
-    op_overhead = max(_median_time(lambda: chained(m), 5) - overhead, 0.0) / (2 * _CHAIN)
-    return Calibration(device.device_kind, rates, bandwidth, op_overhead, overhead)
-
-
-_CHAIN = 200
-_CALIBRATION_VERSION = 4  # bumped when the micro-benchmark changes (v3 files may hold rates measured under a trace)
-
-
-_CALIBRATIONS: dict[str, Calibration] = {}
-
-
-def calibration(device: jax.Device | None = None, *, refresh: bool = False) -> Calibration:
-    """The device's calibration, measured on first use (~1 s) and cached in memory and on disk."""
-    device = device or jax.devices()[0]
-    key = _device_key(device)
-    if not refresh and key in _CALIBRATIONS:
-        return _CALIBRATIONS[key]
-    path = _cache_dir() / f"calibration-v{_CALIBRATION_VERSION}-{key}.json"
-    cal = None
-    if not refresh and path.exists():
-        try:
-            cal = Calibration(**json.loads(path.read_text()))
-        except (ValueError, TypeError):
-            cal = None
-    if cal is None:
-        # Out of any enclosing trace: `entk.ntk` selects inside `jax.jit`, where the micro-benchmarks'
-        # jitted calls would be staged into that trace instead of run (and time nothing: ~10x rates).
-        with jax.core.eval_context():
-            cal = _measure(device)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(dataclasses.asdict(cal)))
-            tmp.replace(path)
-        except OSError:
-            pass  # a read-only home directory only costs a re-measurement next time
-    _CALIBRATIONS[key] = cal
-    return cal
-
-
-def device_free_bytes(device: jax.Device | None = None) -> int:
-    """Free memory of the device (accelerators: allocator stats; CPU: the host's available memory)."""
-    device = device or jax.devices()[0]
-    stats = None
-    try:
-        stats = device.memory_stats()
-    except Exception:  # noqa: BLE001 - some backends do not implement memory_stats
-        stats = None
-    if stats and "bytes_limit" in stats:
-        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
-    try:
-        for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
-
-
-def default_memory_budget(device: jax.Device | None = None) -> int:
-    return int(DEFAULT_BUDGET_FRACTION * device_free_bytes(device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,6 +80,7 @@ class Estimate:
     n_ops: int = 0
     lowered: Any = None        # the traced program, so compiling later does not trace again
     measured_s: float | None = None   # one timed call, when `select` had to break a near tie
+    flops_by_class: dict = dataclasses.field(default_factory=dict)  # `program_flops.classify`
 
 
 # Operations XLA fuses into their neighbours on every backend: they cost no launch of their own.
@@ -237,16 +115,26 @@ def _itemsize(params: PyTree) -> int:
     return max((jnp.dtype(jnp.result_type(p)).itemsize for p in leaves), default=4)
 
 
-def lower_strategy(f: Callable, x1: PyTree, x2: PyTree | None, params: PyTree, kwargs: dict,
-                   strategy: Strategy, ntk_kwargs: dict) -> Any:
-    """`jax.jit(empirical_ntk_fn(...)).lower(...)` on shapes only (nothing is computed or compiled)."""
-    from entk.empirical import empirical_ntk_fn
+def prepare_call(f: Callable, x1: PyTree, x2: PyTree | None, params: PyTree, kwargs: dict,
+                 ntk_kwargs: dict) -> PreparedCall:
+    """The validated call (`entk.algorithms.call.prepare`) the strategies are lowered from."""
+    axes, vmap = kernel_settings(**ntk_kwargs)
+    return prepare(f, x1, x2, params, kwargs, axes, vmap)
 
+
+def lower_strategy(call: PreparedCall, strategy: Strategy, x1: PyTree, x2: PyTree | None,
+                   params: PyTree, kwargs: dict) -> Any:
+    """`jax.jit` of `strategy` on the prepared call, lowered on shapes only (nothing is computed or
+    compiled). The program takes `(x1, x2, params, array kwargs)` as given (`x2` may be `None`); the
+    call supplies `f`, the axes and the verified `vmap_axes`, so nothing is validated again."""
+    _compilation_cache.enable()  # its compilations (compare, close calls) are cached per machine
     array_kwargs, static_kwargs = _split_static(kwargs)
-    ntk_fn = empirical_ntk_fn(f, implementation=strategy, **ntk_kwargs)
+    algorithm = algorithms.get(strategy)
 
     def run(a, b, p, kw):
-        return ntk_fn(a, b, p, **kw, **static_kwargs)
+        kwargs1, kwargs2 = split_kwargs({**kw, **static_kwargs}, a, b)
+        return algorithm(call.f, a, b, p, kwargs1, kwargs1 if b is None else kwargs2, call.axes,
+                         call.vmap)
 
     return jax.jit(run).lower(_shape_struct(x1), None if x2 is None else _shape_struct(x2),
                               _shape_struct(params), _shape_struct(array_kwargs))
@@ -270,21 +158,32 @@ def compiled_peak_bytes(compiled: Any) -> float | None:
                  + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
 
 
+def predict_seconds(flops_by_class: dict, bytes_accessed: float, n_ops: int, itemsize: int,
+                    cal: Calibration) -> float:
+    """Predicted run time: each primitive class's FLOPs at its measured rate (`itemsize`-byte floats),
+    plus the bytes at the measured bandwidth, one overhead per non-fusible operation and one per call."""
+    compute = sum(flops / cal.flop_rate(itemsize, kind) for kind, flops in flops_by_class.items())
+    return (compute + FUSED_BYTES_FRACTION * bytes_accessed / cal.bytes_per_s
+            + n_ops * cal.op_overhead_s + cal.overhead_s)
+
+
 def estimate(f: Callable, x1: PyTree, x2: PyTree | None, params: PyTree, kwargs: dict,
              strategy: Strategy, ntk_kwargs: dict, *, compile: bool = False,
-             cal: Calibration | None = None) -> Estimate:
-    """FLOPs, bytes, predicted time and a peak-memory bound for one strategy (compiled if asked)."""
+             cal: Calibration | None = None, call: PreparedCall | None = None) -> Estimate:
+    """FLOPs, bytes, predicted time and a peak-memory bound for one strategy (compiled if asked).
+
+    `call`: the call already prepared from these arguments (`prepare_call`), if any."""
     cal = cal or calibration()
-    lowered = lower_strategy(f, x1, x2, params, kwargs, strategy, ntk_kwargs)
+    call = call or prepare_call(f, x1, x2, params, kwargs, ntk_kwargs)
+    lowered = lower_strategy(call, strategy, x1, x2, params, kwargs)
     costs = _analysis(lowered.cost_analysis())
     flops = float(costs.get("flops", 0.0)) + float(costs.get("transcendentals", 0.0))
     bytes_accessed = float(costs.get("bytes accessed", 0.0))
     n_ops = count_operations(lowered)
-    predicted = (flops / cal.flop_rate(_itemsize(params))
-                 + FUSED_BYTES_FRACTION * bytes_accessed / cal.bytes_per_s
-                 + n_ops * cal.op_overhead_s + cal.overhead_s)
+    by_class = classify(lowered, flops)
+    predicted = predict_seconds(by_class, bytes_accessed, n_ops, _itemsize(params), cal)
     est = Estimate(strategy, flops, bytes_accessed, predicted, peak_bytes=bytes_accessed,
-                   n_ops=n_ops, lowered=lowered)
+                   n_ops=n_ops, lowered=lowered, flops_by_class=by_class)
     if compile:
         start = time.perf_counter()
         est.compiled = lowered.compile()
@@ -297,20 +196,15 @@ def estimate(f: Callable, x1: PyTree, x2: PyTree | None, params: PyTree, kwargs:
 
 def asymptotic_flops(strategy: Strategy, *, n1: int, n2: int, out_per_example: int,
                      kept_per_pair: int, n_params: int, forward_flops: float) -> float:
-    """Novak et al. (2022): JC ≈ N·O·[FP] + N1·N2·O²·P, NTVP ≈ N2·O·[FP of the x1 batch]; SD ≤ JC."""
-    if strategy is Strategy.JACOBIAN_CONTRACTION or strategy is Strategy.STRUCTURED_DERIVATIVES:
-        return (n1 + n2) * out_per_example * forward_flops + n1 * n2 * kept_per_pair * n_params
-    if strategy is Strategy.NTK_VECTOR_PRODUCTS:
-        return n2 * out_per_example * (n1 + 1) * forward_flops
-    raise ValueError(f"No asymptotic model for {strategy!r}.")
+    """Novak et al. (2022)'s FLOP count, from the strategy's own module (`asymptotic_flops` there):
+    JC ≈ N·O·[FP] + N1·N2·O²·P, NTVP ≈ N2·O·[FP of the x1 batch]; SD ≤ JC."""
+    return algorithms.asymptotic_flops(strategy, n1=n1, n2=n2, out_per_example=out_per_example,
+                                       kept_per_pair=kept_per_pair, n_params=n_params,
+                                       forward_flops=forward_flops)
 
 
 # ----------------------------------------------------------------------------------------------
 # Selection
-
-
-class OutOfBudgetError(MemoryError):
-    """No strategy fits the memory budget."""
 
 
 _DECISIONS: dict[Any, Strategy] = {}
@@ -324,8 +218,12 @@ def _decision_key(f, x1, x2, params, kwargs, ntk_kwargs, budget, candidates) -> 
 
 def select(f: Callable, x1: PyTree, x2: PyTree | None, params: PyTree, kwargs: dict,
            ntk_kwargs: dict, *, capabilities: Iterable[str], memory_budget: int | None = None,
-           estimates_out: list | None = None) -> Strategy:
-    """The predicted-fastest strategy whose peak memory fits `memory_budget` (see module docstring)."""
+           estimates_out: list | None = None, call: PreparedCall | None = None) -> Strategy:
+    """The predicted-fastest strategy whose peak memory fits `memory_budget` (see module docstring).
+
+    `call`: these arguments already prepared (`entk.algorithms.call.prepare`, as `empirical_ntk_fn`
+    does before selecting); otherwise they are prepared here, once, when candidates must be lowered.
+    """
     candidates = [s for s in concrete_strategies() if s.short_name in set(capabilities)]
     if not candidates:
         raise ValueError(f"No available strategy is supported by this model "
@@ -334,7 +232,7 @@ def select(f: Callable, x1: PyTree, x2: PyTree | None, params: PyTree, kwargs: d
     key = _decision_key(f, x1, x2, params, kwargs, ntk_kwargs, budget, candidates)
     if key in _DECISIONS and estimates_out is None:
         return _DECISIONS[key]
-    decisions_dir = _cache_dir() / "decisions"
+    decisions_dir = decision_cache.directory()
     disk_key = None
     if estimates_out is None:  # a report wants every estimate: decide afresh
         disk_key = _disk_key(f, x1, x2, params, kwargs, ntk_kwargs, candidates)
@@ -344,11 +242,13 @@ def select(f: Callable, x1: PyTree, x2: PyTree | None, params: PyTree, kwargs: d
             return stored
 
     check_model_traces(f, x1, x2, params, kwargs)
+    call = call or prepare_call(f, x1, x2, params, kwargs, ntk_kwargs)
     cal = calibration()
     estimates = []
     for strategy in candidates:
         try:
-            estimates.append(estimate(f, x1, x2, params, kwargs, strategy, ntk_kwargs, cal=cal))
+            estimates.append(estimate(f, x1, x2, params, kwargs, strategy, ntk_kwargs, cal=cal,
+                                      call=call))
         except Exception as error:  # noqa: BLE001 - a strategy that cannot trace is not a candidate
             estimates.append(Estimate(strategy, math.inf, math.inf, math.inf, math.inf))
             estimates[-1].compiled = error
@@ -397,7 +297,7 @@ def _disk_key(f, x1, x2, params, kwargs, ntk_kwargs, candidates) -> str | None:
         return out if b is None else (out, f(p, b, **k2, **s2))
 
     settings = repr((sorted(ntk_kwargs.items()), [c.short_name for c in candidates], sorted(s1),
-                     repr(s1), repr(s2), _device_key(jax.devices()[0]), _CALIBRATION_VERSION))
+                     repr(s1), repr(s2), device_key(jax.devices()[0]), CALIBRATION_VERSION))
     args = (params, x1, x2, a1, a2)
     return decision_cache.fingerprint(program, _shape_struct(args), settings)
 
@@ -500,9 +400,3 @@ def _time_call(est: Estimate, args: tuple, give_up_after: float) -> float:
                 break
     est.measured_s = min(times)
     return est.measured_s
-
-
-def compare(*args: Any, **kwargs: Any):
-    """`entk.compare(f, x1, x2, params, *, measure=True, **ntk_kwargs)`: see `entk.algorithms.compare`."""
-    from entk.algorithms.compare import compare as _compare
-    return _compare(*args, **kwargs)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import pathlib
 import re
 from typing import Any, Callable
 
@@ -61,6 +62,13 @@ def fingerprint(program: Callable[..., Any], args: tuple, settings: str) -> str 
     body = "\n".join([f"v{_VERSION}", jax.__version__, entk_version, settings,
                       _ADDRESS.sub("0x", text)])
     return hashlib.sha256(body.encode()).hexdigest()
+
+
+def directory() -> pathlib.Path:
+    """Where decisions are stored: `$ENTK_CACHE_DIR/decisions` (default `~/.cache/entk/decisions`)."""
+    from entk.algorithms.device import cache_dir  # the one definition of entk's cache directory
+
+    return cache_dir() / "decisions"
 
 
 def load(directory: Any, key: str | None, budget: int) -> Strategy | None:

@@ -38,6 +38,13 @@ def jacobian(f: Callable[..., PyTree], x: PyTree, kwargs: dict, params: PyTree,
     return per_example(f, x, kwargs, params, vmap_axes, jac_of)
 
 
+def asymptotic_flops(*, n1: int, n2: int, out_per_example: int, kept_per_pair: int, n_params: int,
+                     forward_flops: float) -> float:
+    """Novak et al. (2022): N·O·[FP] to build the Jacobians + N1·N2·O²·P to contract them (`O²` is
+    `kept_per_pair`, the output entries each pair of examples keeps)."""
+    return (n1 + n2) * out_per_example * forward_flops + n1 * n2 * kept_per_pair * n_params
+
+
 def empirical_ntk(f: Callable[..., PyTree], x1: PyTree, x2: PyTree | None, params: PyTree,
                   kwargs1: dict, kwargs2: dict, axes: KernelAxes,
                   vmap_axes: VmapAxes | None) -> PyTree:
@@ -61,6 +68,5 @@ def empirical_ntk(f: Callable[..., PyTree], x1: PyTree, x2: PyTree | None, param
             total = term if total is None else total + term
         if total is None:  # no parameters at all: the kernel is zero
             total = jax.numpy.zeros(leaf_axes.canonical_shape(s1.shape, s2.shape), s1.dtype)
-        total = total / leaf_axes.trace_size(s1.shape)
-        kernels.append(leaf_axes.to_output_layout(total))
+        kernels.append(leaf_axes.finish(total, s1.shape))
     return treedef.unflatten(kernels)

@@ -27,6 +27,14 @@ from entk.algorithms.axes import KernelAxes, LeafAxes, VmapAxes
 PyTree = Any
 
 
+def asymptotic_flops(*, n1: int, n2: int, out_per_example: int, kept_per_pair: int, n_params: int,
+                     forward_flops: float) -> float:
+    """Novak et al. (2022): one VJP and one JVP of the x1 batch per output entry of x2,
+    ≈ N2·O·[FP of the x1 batch] (`kept_per_pair` and `n_params` do not enter)."""
+    del kept_per_pair, n_params
+    return n2 * out_per_example * (n1 + 1) * forward_flops
+
+
 def empirical_ntk(f: Callable[..., PyTree], x1: PyTree, x2: PyTree | None, params: PyTree,
                   kwargs1: dict, kwargs2: dict, axes: KernelAxes,
                   vmap_axes: VmapAxes | None) -> PyTree:
@@ -96,8 +104,7 @@ def _kernels(f, x1, x2, params, kwargs1, kwargs2, leaf_axes: Sequence[LeafAxes],
         perm = ([remaining.index(d) for d in la.diagonal]
                 + [n_rem + j for j in range(len(la.free))]
                 + [remaining.index(a) for a in la.free])
-        canonical = jnp.transpose(columns, perm) / la.trace_size(s1.shape)
-        kernels.append(la.to_output_layout(canonical))
+        kernels.append(la.finish(jnp.transpose(columns, perm), s1.shape))
     return kernels
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import time
 import warnings
 from typing import Any, Callable, Sequence
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from entk.model import Model
 from entk.scale import sharding, tiling
 from entk.scale.calls import DIAGONAL, KernelCall, Layout, example_count, probe_layout, to_host
 from entk.scale.store import KernelStore, kernel_hash, make_fingerprint, read_fingerprint
@@ -36,7 +38,7 @@ POLL_SECONDS = 0.25
 STORE_CREATION_TIMEOUT = 600
 
 
-def compute_kernel(kernel_fn: KernelFn, x1: PyTree, x2: PyTree | None, params: PyTree, *,
+def compute_kernel(kernel_fn: Any, x1: PyTree, x2: PyTree | None = None, params: PyTree = None, *,
                    store: str | os.PathLike | None = None,
                    tile: str | int | tuple[int, int] = "auto", progress: bool = True,
                    devices: Sequence[jax.Device] | None = None, memory_budget: int | None = None,
@@ -49,6 +51,13 @@ def compute_kernel(kernel_fn: KernelFn, x1: PyTree, x2: PyTree | None, params: P
         `kernel_fn(x1, x2, get, params)` of `empirical_kernel_fn` (pass `get=` as a keyword), or a
         stax `kernel_fn(x1, x2, get)` (pass `params=None` and `get=`). Its output leaves must be
         `(N1, N2, ...)`, or `(N, ...)` when the batch axis is a diagonal axis.
+        Or the model itself: a `torch.nn.Module`, a Keras model / `tf.function`, a `(flax_module,
+        variables)` pair or an `entk.Model` (a plain `f(params, x)` cannot be told from a kernel
+        function: wrap it, `entk.Model.from_function(f, params)`). Its NTK is computed, as
+        `entk.ntk(model, x)` would (`vmap_axes="auto"`); `params` defaults to the model's current
+        weights; `trace_axes`, `diagonal_axes`, `vmap_axes`, `implementation` in `kernel_kwargs`
+        configure the kernel, `get="nngp"` (or a tuple) asks for the NNGP too, and other keyword
+        arguments go to the model. Inputs may be the model's kind of array.
       x1: inputs, a pytree of arrays with `N1` examples on axis 0 of every leaf.
       x2: `N2` examples likewise, or `None` for `x1`.
       params: passed to `kernel_fn` (by keyword if it has a `params` argument), the same for every
@@ -81,6 +90,16 @@ def compute_kernel(kernel_fn: KernelFn, x1: PyTree, x2: PyTree | None, params: P
       The kernel with `kernel_fn`'s output structure: zarr arrays when `store` is given (`np.asarray`
       reads them), NumPy arrays otherwise.
     """
+    from entk import adapters
+
+    if adapters.needs_example(kernel_fn) or adapters.is_flax_pair(kernel_fn) or isinstance(
+            kernel_fn, Model):
+        with adapters.precision_scope(kernel_fn, x1, x2, params):
+            kernel_fn, x1, x2, params, kernel_kwargs = _model_kernel(kernel_fn, x1, x2, params,
+                                                                     kernel_kwargs)
+            return compute_kernel(kernel_fn, x1, x2, params, store=store, tile=tile,
+                                  progress=progress, devices=devices, memory_budget=memory_budget,
+                                  fingerprint=fingerprint, symmetric=symmetric, **kernel_kwargs)
     call = KernelCall.with_params(kernel_fn, params, kernel_kwargs)
     processes = jax.process_count()
     if processes > 1 and store is None:
@@ -91,6 +110,27 @@ def compute_kernel(kernel_fn: KernelFn, x1: PyTree, x2: PyTree | None, params: P
     return _compute(call, x1, x2, tile=tile, store=store, progress=progress, devices=devices,
                     memory_budget=memory_budget, fingerprint=fingerprint, share=True,
                     symmetric=symmetric)
+
+
+_KERNEL_SETTINGS = ("trace_axes", "diagonal_axes", "vmap_axes", "implementation")
+
+
+def _model_kernel(model: Any, x1: PyTree, x2: PyTree | None, params: PyTree,
+                  kwargs: dict) -> tuple[KernelFn, PyTree, PyTree, PyTree, dict]:
+    """`compute_kernel(model, ...)` as `compute_kernel(kernel_fn, ...)`: the model converted
+    (`entk.adapters.to_model`, with `x1`), its empirical kernel function built from the settings
+    in `kwargs`, inputs as NumPy, and `params` the model's own unless given."""
+    from entk import adapters
+    from entk.empirical import empirical_kernel_fn, empirical_ntk_fn
+
+    converted = adapters.to_model(model, x1, params=params)
+    settings = {"vmap_axes": "auto", **{k: kwargs.pop(k) for k in _KERNEL_SETTINGS if k in kwargs}}
+    if "get" in kwargs:
+        fn = empirical_kernel_fn(converted, **settings)
+    else:
+        fn = empirical_ntk_fn(converted, **settings)
+    x1, x2 = jax.tree_util.tree_map(adapters.to_numpy, (x1, x2))
+    return fn, x1, x2, converted.params, kwargs
 
 
 def batch(kernel_fn: KernelFn, batch_size: int | tuple[int, int], *,
@@ -195,7 +235,7 @@ def _compute(call: KernelCall, x1: PyTree, x2: PyTree | None, *, tile: Any, stor
     else:
         fp = make_fingerprint(layout=layout, grid=grid, x1=x1, x2=x2, x2_is_x1=x2_is_x1,
                               dynamic=call.dynamic, user=fingerprint,
-                              kernel=kernel_hash(call.tile_function(), x1, x2, call.dynamic, b1, b2))
+                              kernel=kernel_hash(call, x1, x2, b1, b2))
         target = KernelStore.open(store, fp, layout, grid)
     every = grid.tiles()
     mine = every[process::processes]  # round-robin share of this process
@@ -232,10 +272,26 @@ def _compute(call: KernelCall, x1: PyTree, x2: PyTree | None, *, tile: Any, stor
             damaged = [t for t in others if t not in intact]
             if damaged:
                 run(damaged)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+            bar = None
+        print(_interrupted(target, every), file=sys.stderr, flush=True)
+        raise
     finally:
         if bar is not None:
             bar.close()
     return target.result()
+
+
+def _interrupted(target: KernelStore | _InMemory, every: list) -> str:
+    """What a Ctrl-C leaves behind, and how to resume: printed before the interrupt propagates."""
+    if isinstance(target, _InMemory):
+        return ("entk.compute_kernel interrupted: nothing stored; pass store=PATH to "
+                "entk.compute_kernel (or --store to `entk ntk`) to make it resumable.")
+    stored = len(target.done() & set(every))
+    return (f"entk.compute_kernel interrupted: stored {stored} of {len(every)} tiles in "
+            f"{os.fspath(target.path)}; run the same command or call again to resume.")
 
 
 def _check_symmetric(layout: Layout, x2_is_x1: bool) -> None:

@@ -24,12 +24,13 @@ tile is recomputed rather than returned.
 The store is created in a temporary directory beside `PATH` and renamed into place, so processes
 racing to create it (under `jax.distributed`) end up sharing one, and a half-created store never
 appears. The fingerprint records shapes, dtypes, tile size, hashes of the inputs, of the kernel's
-array arguments (parameters) and of the kernel's computation (its jaxpr on one tile); a store whose
-fingerprint differs from the current call is refused rather than mixed.
+array arguments (parameters) and of the kernel's computation (its jaxpr on one tile, seen through
+`jax.jit`); a store whose fingerprint differs from the current call is refused rather than mixed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -43,7 +44,7 @@ from typing import Any, Callable, Iterable
 import jax
 import numpy as np
 
-from entk.scale.calls import Layout
+from entk.scale.calls import KernelCall, Layout
 from entk.scale.tiling import Tile, TileGrid
 
 PyTree = Any
@@ -93,17 +94,32 @@ def _hash_arrays(tree: PyTree) -> str:
     return digest.hexdigest()
 
 
-def kernel_hash(tile_fn: Callable, x1: PyTree, x2: PyTree, dynamic: list, b1: int, b2: int) -> str:
+def unwrap_jit(fn: Callable) -> Callable:
+    """The function `jax.jit` wrapped (repeatedly), or `fn` itself if it is not a jitted function.
+
+    `jax.jit(kernel_fn)` computes exactly what `kernel_fn` does, but traces to a jaxpr with an extra
+    `jit` equation around it; the fingerprint hashes the unwrapped function so that a store written
+    with `kernel_fn` accepts `jax.jit(kernel_fn)` and vice versa. Other decorators are kept: they
+    may change what is computed.
+    """
+    while isinstance(fn, jax.stages.Wrapped) and callable(getattr(fn, "__wrapped__", None)):
+        fn = fn.__wrapped__
+    return fn
+
+
+def kernel_hash(call: KernelCall, x1: PyTree, x2: PyTree, b1: int, b2: int) -> str:
     """Hash of what the kernel computes on one tile: its jaxpr (addresses removed) and constants.
 
     Two kernel functions with another model, other `trace_axes` / `diagonal_axes`, another strategy
-    or other static keyword arguments trace to different jaxprs. Parameter values are not in it.
+    or other static keyword arguments trace to different jaxprs; a `jax.jit` around the kernel
+    function does not count (`unwrap_jit`). Parameter values are not in it.
     """
     def shaped(x, n):
         return jax.tree_util.tree_map(
             lambda leaf: jax.ShapeDtypeStruct((n,) + tuple(leaf.shape[1:]), leaf.dtype), x)
 
-    dynamic_shapes = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in dynamic]
+    tile_fn = dataclasses.replace(call, fn=unwrap_jit(call.fn)).tile_function()
+    dynamic_shapes = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in call.dynamic]
     closed = jax.make_jaxpr(tile_fn)(shaped(x1, b1), shaped(x2, b2), dynamic_shapes)
     text = re.sub(r" at 0x[0-9a-fA-F]+", "", str(closed))
     digest = hashlib.sha256(text.encode())

@@ -8,8 +8,8 @@ or trip input checks) and the padded rows / columns of the kernel are dropped.
 (temporaries + outputs), fits `bytes(b) ≈ α·b + γ·b²` and takes the largest square tile within the
 per-device memory budget, then checks that size by compiling it (shrinking if it does not fit). This
 is the compiler's own byte count for the real tile function (any kernel function, analytic ones
-included); the free memory comes from the cost model (`entk.algorithms.cost.device_free_bytes`).
-When even a 1 x 1 tile exceeds the budget, `entk.algorithms.cost.OutOfBudgetError` says so (a tile
+included); the free memory comes from the device facts (`entk.algorithms.device.device_free_bytes`).
+When even a 1 x 1 tile exceeds the budget, `entk.algorithms.device.OutOfBudgetError` says so (a tile
 that does not fit is never chosen silently).
 """
 
@@ -163,11 +163,11 @@ def even_split(n: int, b: int) -> int:
 def memory_budget(devices: Sequence[jax.Device]) -> int:
     """Bytes one tile computation may use on each device: a fraction of the free memory.
 
-    Free memory is the cost model's (`entk.algorithms.cost.device_free_bytes`: allocator statistics on
+    Free memory is `entk.algorithms.device.device_free_bytes` (allocator statistics on
     accelerators, the host's available memory on CPU). CPU devices share the host's RAM, so their
     budget is split between them.
     """
-    from entk.algorithms.cost import device_free_bytes
+    from entk.algorithms.device import device_free_bytes
 
     free = min(device_free_bytes(d) for d in devices)
     sharing = sum(1 for d in devices if d.platform == "cpu") or 1
@@ -190,7 +190,7 @@ def _tile_bytes(tile_fn: Callable, x1: PyTree, x2: PyTree, dynamic: list, b1: in
 
 def _raise_no_tile_fits(used: int, budget: int, fixed: int) -> None:
     """`tile="auto"` cannot honour the budget: even one example pair needs more."""
-    from entk.algorithms.cost import OutOfBudgetError
+    from entk.algorithms.device import OutOfBudgetError
 
     raise OutOfBudgetError(
         f"tile='auto': the smallest tile (1 x 1 examples) needs {used / 2**20:.3g} MiB by the "

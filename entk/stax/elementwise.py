@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from entk.stax import masking
-from entk.stax.kernel import (Kernel, Layer, expect_single, layer, pair_variances, require_gaussian,
-                              safe_sqrt, self_variances, spatial_diagonal)
+from entk.stax.kernel import (Kernel, Layer, expect_single, layer, require_gaussian, safe_sqrt,
+                              spatial_diagonal)
+from entk.stax.variances import pair_variances, self_variances
 
 Array = jax.Array
 # (q12, q11, q22) -> E[...]: all three broadcast against each other.

@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from entk.stax.kernel import pair_variances, self_variances
+from entk.stax.variances import pair_variances, self_variances
 
 Array = jax.Array
 

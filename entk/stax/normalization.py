@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from jax import random
 
 from entk.stax.kernel import (Kernel, Layer, check_default_axes, diagonal_mask, expect_single,
-                              layer, pair_variances, require_gaussian, self_variances,
-                              spatial_diagonal)
+                              layer, require_gaussian, spatial_diagonal)
+from entk.stax.variances import pair_variances, self_variances
 
 Array = jax.Array
 

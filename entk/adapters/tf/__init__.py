@@ -25,7 +25,6 @@ started its GPU backend yet).
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import types
 import warnings
@@ -36,42 +35,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from entk.adapters.tf._tensorflow import import_tensorflow  # TensorFlow, configured for JAX
 from entk.adapters.tf.export import to_tf
-from entk.model import Model
+from entk.adapters.tf.translate import keras_backend_of
+from entk.model import ALL_STRATEGIES, Model
 
-__all__ = ["from_tf", "to_tf", "is_model", "is_tensor", "to_jax", "to_native", "import_tensorflow",
-           "has_float64"]
+__all__ = ["from_tf", "to_tf", "is_model", "is_tensor", "to_jax", "to_native", "to_numpy",
+           "import_tensorflow", "has_float64"]
 
 PyTree = Any
 
 MODES = ("auto", "tf2jax", "bridge", "keras_jax")
 _MODE_ALIASES = {"translate": "tf2jax", "call_tf": "bridge", "jax": "keras_jax"}
-
-
-# ----------------------------------------------------------------------------------------------
-# TensorFlow, configured to coexist with JAX
-
-
-_TF: types.ModuleType | None = None
-
-
-def import_tensorflow() -> types.ModuleType:
-    """`tensorflow`, imported on first use with GPU memory growth on (TF and JAX share the GPU)."""
-    global _TF
-    if _TF is None:
-        os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
-        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        # Never Triton here (loading it after TensorFlow crashes): entk.adapters._llvm_guard.
-        import tensorflow as tf
-
-        try:
-            for gpu in tf.config.list_physical_devices("GPU"):
-                tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:
-            pass  # TF's devices were initialised already: the user configured them.
-        _TF = tf
-    return _TF
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,6 +84,11 @@ def to_native(array: Any, like: Any) -> Any:
     if isinstance(like, np.ndarray):
         return np.asarray(array)
     return array
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A TF tensor or a TF / Keras variable as a NumPy array at its own precision."""
+    return x.numpy() if hasattr(x, "numpy") else np.asarray(x)
 
 
 def has_float64(model_or_fn: Any) -> bool:
@@ -156,7 +136,7 @@ def from_tf(model_or_fn: Any, example_input: PyTree, mode: str = "auto", *,
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not one of {MODES}.")
     _check_built(model_or_fn)
-    backend = _keras_backend(model_or_fn)
+    backend = keras_backend_of(model_or_fn)
     if backend not in (None, "tensorflow", "jax"):
         raise ValueError(f"This Keras model runs on the {backend!r} backend; entk.from_tf handles the "
                          f"TensorFlow and JAX backends (use KERAS_BACKEND=jax or tensorflow"
@@ -208,7 +188,7 @@ def _keras_guard(model_or_fn: Any) -> tuple | None:
     own trackable bookkeeping (`_self_*`) is left out. None for a `tf.function` / plain function,
     whose Python state (closures, globals) entk cannot see.
     """
-    if _keras_backend(model_or_fn) != "tensorflow":
+    if keras_backend_of(model_or_fn) != "tensorflow":
         return None
     out: list = []
     for layer in model_or_fn._flatten_layers(include_self=True, recursive=True):
@@ -275,7 +255,7 @@ def _translate(model_or_fn: Any, example_input: PyTree, check: bool) -> _Entry:
     tf = import_tensorflow()
     x = _to_numpy_tree(example_input)
     jx = jax.tree_util.tree_map(jnp.asarray, x)
-    if _keras_backend(model_or_fn) == "tensorflow":
+    if keras_backend_of(model_or_fn) == "tensorflow":
         translation = translate.KerasTranslation(model_or_fn, tf)
         source = "keras"
     else:
@@ -285,7 +265,7 @@ def _translate(model_or_fn: Any, example_input: PyTree, check: bool) -> _Entry:
     _check_dtypes(list(params.values()), list(params))
     _check_x64({**params, **state})
     model = Model(translation, _as_jax(params), _as_jax(state), source=source,
-                  capabilities=frozenset({"jc", "ntvp", "sd"}),
+                  capabilities=ALL_STRATEGIES,
                   info={"mode": "tf2jax", "param_names": translation.param_keys,
                         "state_names": translation.state_keys,
                         "param_count": int(sum(np.size(p) for p in params.values()))})
@@ -348,7 +328,7 @@ def _check_x64(values: dict) -> None:
 
 def _check_outputs(model_or_fn: Any, x: PyTree, outputs: PyTree, tf: types.ModuleType) -> None:
     """Raises TranslationError if the translated outputs differ from TensorFlow's on `x`."""
-    from entk.adapters.tf.translate import TranslationError, keras_backend_of
+    from entk.adapters.tf.translate import TranslationError
 
     tx = jax.tree_util.tree_map(tf.convert_to_tensor, x)
     if keras_backend_of(model_or_fn) is not None:
@@ -370,20 +350,13 @@ def _check_outputs(model_or_fn: Any, x: PyTree, outputs: PyTree, tf: types.Modul
                                    f"input (output {i}: {detail}).")
 
 
-def _keras_backend(model: Any) -> str | None:
-    keras = sys.modules.get("keras")
-    if keras is None or not isinstance(model, keras.layers.Layer):
-        return None
-    return keras.backend.backend()
-
-
 def _is_tf_function(obj: Any) -> bool:
     return hasattr(obj, "get_concrete_function") and hasattr(obj, "python_function")
 
 
 def _tf_variables(model_or_fn: Any, example_input: PyTree, tf: types.ModuleType) -> list:
     """The TF variables a model reads (to notice when they change)."""
-    if _keras_backend(model_or_fn) is not None:
+    if keras_backend_of(model_or_fn) is not None:
         return list(model_or_fn.variables)
     if isinstance(model_or_fn, tf.Module):
         return list(model_or_fn.variables)

@@ -8,7 +8,8 @@ function goes through `entk.adapters._foreign` instead: the forward pass runs in
 derivatives need the model's jaxpr and are unavailable; the tf2jax translation mode has them.
 
 Parameters are the trainable variables, state the non-trainable ones (BatchNorm statistics, seed
-generator states); the model runs in inference mode (`training=False`).
+generator states); the model runs in inference mode (`training=False`). `bridge_model` configures
+the builder shared with the torch bridge, `entk.adapters._foreign.build_bridge`.
 
 - Keras models are called through `stateless_call`, so parameter values are ordinary tensors (they
   can even be batched).
@@ -28,11 +29,10 @@ import threading
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 
-from entk.adapters._foreign import ForeignBackend, ForeignFunction, infer_out_specs_by_running
+from entk.adapters._foreign import BridgeConfig, ForeignBackend, build_bridge, treedef_of
 from entk.model import Model
 
 __all__ = ["bridge_model", "configure_tf_for_jax"]
@@ -119,10 +119,6 @@ def _flatten_output(out: Any) -> tuple[list[tf.Tensor], Any]:
     return leaves, tf.nest.map_structure(lambda _: None, out)
 
 
-def _treedef_of(skeleton: Any) -> jax.tree_util.PyTreeDef:
-    return jax.tree_util.tree_structure(skeleton, is_leaf=lambda x: x is None)
-
-
 def _unique_names(names: Sequence[str]) -> list[str]:
     seen: dict[str, int] = {}
     unique = []
@@ -136,12 +132,6 @@ def _unique_names(names: Sequence[str]) -> list[str]:
     return unique
 
 
-def _as_jax(x: Any) -> jax.Array:
-    if tf.is_tensor(x):
-        return jnp.asarray(_to_numpy(x))
-    return jnp.asarray(x)
-
-
 def _is_keras_model(obj: Any) -> bool:
     return hasattr(obj, "stateless_call") and hasattr(obj, "trainable_variables")
 
@@ -152,37 +142,33 @@ def _differentiable(ops: Sequence[tf.Tensor], argnums: Sequence[int], variables:
     return [variables[i] if i < n_vars else ops[i] for i in argnums]
 
 
-class _Callables:
-    """primal / jvp / vjp on TF tensors for one model; `call(ops)` runs the model on all operands."""
+class _Autodiff:
+    """TF's JVP and VJP of a model's `primal(*ops) -> output leaves` (see `BridgeConfig.jvp`).
 
-    def __init__(self, call: Callable[[tuple], Any], variables: Sequence[Any] = (), n_vars: int = 0):
-        self.call = call
+    `variables[i]` for `i < n_vars` are captured `tf.Variable`s bound to operand `i` for the call (a
+    `tf.function`); derivatives in those operands are taken with respect to the variables.
+    """
+
+    def __init__(self, variables: Sequence[Any] = (), n_vars: int = 0):
         self.variables = list(variables)
         self.n_vars = n_vars
-        self.skeleton: list[Any] = []
         self.forward_mode_works = True
 
-    def primal(self, *ops: tf.Tensor) -> list[tf.Tensor]:
-        leaves, skeleton = _flatten_output(self.call(ops))
-        if not self.skeleton:
-            self.skeleton.append(skeleton)
-        return leaves
-
-    def jvp(self, argnums, ops, tangents) -> list[tf.Tensor]:
+    def jvp(self, primal, argnums, ops, tangents) -> list[tf.Tensor]:
         targets = _differentiable(ops, argnums, self.variables, self.n_vars)
         tangents = [tf.cast(t, p.dtype) for t, p in zip(tangents, targets)]
         if self.forward_mode_works and not any(i < self.n_vars for i in argnums):
             try:
                 with tf.autodiff.ForwardAccumulator(targets, tangents) as acc:
-                    outs = self.primal(*ops)
+                    outs = primal(*ops)
                 return [acc.jvp(o, unconnected_gradients=_ZERO) for o in outs]
             except (TypeError, ValueError, NotImplementedError, LookupError):
                 # TF's forward mode fails inside graphs on some ops (e.g. the while loop of a Keras
                 # LSTM); reverse mode twice gives the same JVP. Decided once per model.
                 self.forward_mode_works = False
-        return self._jvp_by_double_vjp(ops, targets, tangents)
+        return self._jvp_by_double_vjp(primal, ops, targets, tangents)
 
-    def _jvp_by_double_vjp(self, ops, targets, tangents) -> list[tf.Tensor]:
+    def _jvp_by_double_vjp(self, primal, ops, targets, tangents) -> list[tf.Tensor]:
         """`J t` as the gradient in `u` of `<Jᵀ u, t>` (`Jᵀ u` is linear in `u`).
 
         Used for captured variables (inside a graph, `ForwardAccumulator` does not see reads of a
@@ -192,7 +178,7 @@ class _Callables:
         with tf.GradientTape(watch_accessed_variables=False) as outer:
             with tf.GradientTape(watch_accessed_variables=False) as inner:
                 inner.watch(targets)
-                outs = self.primal(*ops)
+                outs = primal(*ops)
             dummies = [tf.zeros_like(o) for o in outs]
             outer.watch(dummies)
             pulled = inner.gradient(outs, targets, output_gradients=dummies, unconnected_gradients=_ZERO)
@@ -200,11 +186,11 @@ class _Callables:
             pairing = tf.add_n([tf.reduce_sum(g * t) for g, t in zip(pulled, tangents)])
         return outer.gradient(pairing, dummies, unconnected_gradients=_ZERO)
 
-    def vjp(self, argnums, ops, cotangents) -> list[tf.Tensor]:
+    def vjp(self, primal, argnums, ops, cotangents) -> list[tf.Tensor]:
         targets = _differentiable(ops, argnums, self.variables, self.n_vars)
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(targets)
-            outs = self.primal(*ops)
+            outs = primal(*ops)
         cotangents = [tf.cast(c, o.dtype) for c, o in zip(cotangents, outs)]
         grads = tape.gradient(outs, targets, output_gradients=cotangents, unconnected_gradients=_ZERO)
         return [tf.convert_to_tensor(g) for g in grads]  # embeddings give IndexedSlices
@@ -242,18 +228,23 @@ class _VariableBinding:
 
 
 class _HostEntry:
-    """The callables handed to `ForeignFunction`.
+    """The callables handed to `ForeignFunction` (`BridgeConfig.host_entry`).
 
-    Called eagerly (the unbatched host path), each is compiled with `tf.function` once per
-    (kind, argnums) and input signature, and a `tf.function`'s variables are bound around the call.
-    Called while tracing (inside the vectorized function `_tf_vmap` compiles), they run as is.
+    Called eagerly (the unbatched host path), each of `primal`, `jvp`, `vjp` is compiled with
+    `tf.function` once per (kind, argnums) and input signature, and a `tf.function`'s variables are
+    bound around the call. Called while tracing (inside the vectorized function `_tf_vmap` compiles),
+    they run as is.
     """
 
-    def __init__(self, callables: _Callables, binding: "_VariableBinding | None", n_bound: int):
-        self.callables = callables
+    def __init__(self, primal: Callable, jvp: Callable, vjp: Callable,
+                 binding: "_VariableBinding | None", n_bound: int):
+        self._primal, self._jvp, self._vjp = primal, jvp, vjp
         self.binding = binding
         self.n_bound = n_bound
         self.compiled: dict[tuple, Callable] = {}
+
+    def callables(self) -> tuple[Callable, Callable, Callable]:
+        return self.primal, self.jvp, self.vjp
 
     def _run(self, key: tuple, raw: Callable, ops: tuple) -> Sequence[tf.Tensor]:
         fn = self.compiled.get(key)
@@ -266,14 +257,14 @@ class _HostEntry:
 
     def primal(self, *ops: tf.Tensor) -> Sequence[tf.Tensor]:
         if not tf.executing_eagerly():
-            return self.callables.primal(*ops)
-        return self._run(("primal",), self.callables.primal, ops)
+            return self._primal(*ops)
+        return self._run(("primal",), self._primal, ops)
 
     def jvp(self, argnums: tuple, xs: tuple, ts: tuple) -> Sequence[tf.Tensor]:
-        return self._linear("jvp", self.callables.jvp, argnums, xs, ts)
+        return self._linear("jvp", self._jvp, argnums, xs, ts)
 
     def vjp(self, argnums: tuple, xs: tuple, cts: tuple) -> Sequence[tf.Tensor]:
-        return self._linear("vjp", self.callables.vjp, argnums, xs, cts)
+        return self._linear("vjp", self._vjp, argnums, xs, cts)
 
     def _linear(self, kind: str, fn: Any, argnums: tuple, xs: tuple,
                 vectors: tuple) -> Sequence[tf.Tensor]:
@@ -328,7 +319,7 @@ def bridge_model(model_or_fn: Any, example_input: Any) -> Model:
     example_leaves = [tf.convert_to_tensor(x) for x in example_leaves]
     example_structure = tf.nest.map_structure(lambda _: None, example_input)
     example_nest = tf.nest.pack_sequence_as(example_structure, example_leaves)
-    input_treedef = _treedef_of(example_structure)
+    input_treedef = treedef_of(example_structure)
     n_inputs = len(example_leaves)
 
     if _is_keras_model(model_or_fn):
@@ -354,7 +345,7 @@ def bridge_model(model_or_fn: Any, example_input: Any) -> Model:
             out, _ = model.stateless_call(list(ops[:n_t]), list(ops[n_t:n_t + n_f]), x, training=False)
             return out
 
-        callables = _Callables(call)
+        autodiff = _Autodiff()
         backend = _backend()
     else:
         source = "tf"
@@ -374,55 +365,36 @@ def bridge_model(model_or_fn: Any, example_input: Any) -> Model:
                 raise NotImplementedError("the variables of a tf.function cannot be batched")
             return _tf_vmap(f, in_axes, prepare=lambda ops: binding.bound(ops[:n_t + n_f]))
 
-        callables = _Callables(call, trainable + frozen, n_t + n_f)
+        autodiff = _Autodiff(trainable + frozen, n_t + n_f)
         backend = _backend(vmap)
 
-    for v, name in zip(trainable, param_names):
-        dtype = tf.as_dtype(v.dtype)
-        if not dtype.is_floating:
-            raise TypeError(f"bridge_model: trainable variable {name!r} has dtype {dtype.name}; only "
-                            f"floating-point variables can be differentiated (mark it non-trainable).")
+    tensors = [(n, tf.convert_to_tensor(v)) for n, v in zip(param_names + state_names, trainable + frozen)]
 
-    entry = _HostEntry(callables, binding, n_t + n_f)
-    foreign = ForeignFunction(
-        backend, entry.primal, entry.jvp, entry.vjp,
-        lambda specs: infer_out_specs_by_running(backend, callables.primal, specs),
-        name=f"tf bridge of {getattr(model_or_fn, 'name', type(model_or_fn).__name__)}")
+    def example_run() -> contextlib.AbstractContextManager:
+        if binding is None:
+            return contextlib.nullcontext()
+        return binding.bound([t for _, t in tensors])
 
-    values = [np.array(tf.convert_to_tensor(v)) for v in trainable + frozen]
-    params = {n: jnp.asarray(a) for n, a in zip(param_names, values[:n_t])}
-    state = {n: jnp.asarray(a) for n, a in zip(state_names, values[n_t:])}
-
-    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in values]
-    specs += [jax.ShapeDtypeStruct(tuple(x.shape), x.dtype.as_numpy_dtype) for x in example_leaves]
-    if binding is not None:
-        with binding.bound([tf.convert_to_tensor(a) for a in values]):
-            foreign.out_specs(specs)
-    else:
-        foreign.out_specs(specs)  # runs the model once: validates it, records the output structure
-    out_treedef = _treedef_of(callables.skeleton[0])
-
-    def apply_with_state(params: PyTree, state: PyTree, x: Any, **kwargs: Any) -> PyTree:
-        if kwargs:
-            raise TypeError(f"a TF bridge model takes no keyword arguments, got {sorted(kwargs)}.")
+    def input_leaves(x: Any) -> list:
         leaves, treedef = jax.tree_util.tree_flatten(x, is_leaf=tf.is_tensor)
         if len(leaves) != n_inputs:
             raise ValueError(f"the model takes inputs structured like example_input ({input_treedef}); "
                              f"got {treedef}.")
-        missing = [n for n in param_names if n not in params]
-        if missing:
-            raise KeyError(f"params lacks the variable(s) {missing[:5]}; pass a dict like model.params.")
-        operands = ([params[n] for n in param_names] + [state[n] for n in state_names]
-                    + [_as_jax(a) for a in leaves])
-        return jax.tree_util.tree_unflatten(out_treedef, foreign(*operands))
+        return leaves
 
     info = {
-        "mode": "bridge",
         "framework": "tensorflow",
         "param_names": tuple(param_names),
         "state_names": tuple(state_names),
         "sd": SD_UNAVAILABLE,
-        "foreign_function": foreign,
     }
-    return Model(apply_with_state, params, state, source=source, capabilities=frozenset({"jc", "ntvp"}),
-                 info=info)
+    return build_bridge(BridgeConfig(
+        backend=backend, name=f"tf bridge of {getattr(model_or_fn, 'name', type(model_or_fn).__name__)}",
+        source=source, label="TF", tensors=tensors, n_params=n_t, state_groups=[(None, n_f)],
+        example_inputs=example_leaves, input_leaves=input_leaves, call=call,
+        flatten_output=_flatten_output, jvp=autodiff.jvp, vjp=autodiff.vjp, is_tensor=tf.is_tensor,
+        example_run=example_run,
+        host_entry=lambda primal, jvp, vjp: _HostEntry(primal, jvp, vjp, binding, n_t + n_f).callables(),
+        param_word="trainable variable", nonfloat_hint="Mark it non-trainable.",
+        missing_params="params lacks the variable(s) {missing}; pass a dict like model.params.",
+        info=info))

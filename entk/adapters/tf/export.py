@@ -36,7 +36,7 @@ def to_tf(kernel_fn: Callable[..., PyTree], params: PyTree, *,
     """
     from jax.experimental import jax2tf
 
-    from entk.adapters.tf import import_tensorflow
+    from entk.adapters.tf._tensorflow import import_tensorflow
 
     tf = import_tensorflow()
     leaves, treedef = jax.tree_util.tree_flatten(params)

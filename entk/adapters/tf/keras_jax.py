@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from entk.adapters.tf.translate import unique_keys
-from entk.model import Model
+from entk.model import ALL_STRATEGIES, Model
 
 PyTree = Any
 
@@ -57,7 +57,7 @@ def from_keras_jax(model: Any, example_input: Any = None) -> Model:
     """
     apply = KerasJaxApply(model)
     params, state = apply.values()
-    return Model(apply, params, state, source="keras", capabilities=frozenset({"jc", "ntvp", "sd"}),
+    return Model(apply, params, state, source="keras", capabilities=ALL_STRATEGIES,
                  info={"mode": "keras_jax", "param_names": apply.param_keys,
                        "state_names": apply.state_keys,
                        "param_count": int(sum(np.size(p) for p in params.values()))})

@@ -37,8 +37,8 @@ prepare_torch()  # Triton loaded now or never, before torch.export / torch.func 
 
 PyTree = Any
 
-__all__ = ["from_torch", "is_model", "is_tensor", "to_jax", "to_native", "ExportFallbackWarning",
-           "clear_cache", "linearize", "live_model", "has_float64"]
+__all__ = ["from_torch", "is_model", "is_tensor", "to_jax", "to_native", "to_numpy",
+           "ExportFallbackWarning", "clear_cache", "linearize", "live_model", "has_float64"]
 
 _MODES = ("auto", "export", "bridge")
 
@@ -99,6 +99,15 @@ def to_native(array: Any, like: Any = None) -> Any:
         if out.device != like.device:
             out = out.to(like.device)
     return out
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A torch tensor as a NumPy array on the host at its own precision (bfloat16, which NumPy
+    lacks, as float32); gradients, conjugation and negation bits are resolved first."""
+    x = x.detach().resolve_conj().resolve_neg()
+    if str(x.dtype) == "torch.bfloat16":
+        x = x.float()
+    return x.cpu().numpy()
 
 
 # ---------------------------------------------------------------- conversion

@@ -8,6 +8,8 @@ walk the model's jaxpr, and here the model is opaque to JAX.
 
 Use this mode when `torch.export` cannot capture a model (data-dependent control flow, an op with no
 JAX translation); otherwise export mode is faster, because XLA then sees and fuses the whole model.
+The framework-independent part (operand layout, `params` / `state`, output structure, the
+`entk.Model`) is `entk.adapters._foreign.build_bridge`; `bridge_model` configures it for torch.
 
 Forward mode has a fallback. Some torch kernels have a backward formula but no forward-mode one: the
 fused attention of `nn.MultiheadAttention` / `nn.TransformerEncoderLayer` (`_native_multi_head_attention`,
@@ -26,17 +28,18 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 
-from entk.adapters._foreign import ForeignBackend, ForeignFunction, infer_out_specs_by_running
+from entk.adapters._foreign import BridgeConfig, ForeignBackend, build_bridge
 from entk.model import Model
 
-__all__ = ["bridge_model", "jvp_by_double_vjp", "ForwardModeChoice", "TORCH_BACKEND"]
+__all__ = ["bridge_model", "jvp_by_double_vjp", "ForwardModeChoice", "TORCH_BACKEND",
+           "forward_mode_ready"]
 
 PyTree = Any
 
@@ -81,6 +84,26 @@ def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+_FORWARD_MODE_LOADED = False
+
+
+@contextlib.contextmanager
+def forward_mode_ready() -> Iterator[None]:
+    """Silences, on the first forward-mode pass of the process only, the `torch.jit.script is
+    deprecated` FutureWarning that PyTorch raises from inside itself while it loads its own
+    forward-mode decompositions (`torch/_decomp/decompositions_for_jvp.py`, run by the first
+    `torch.func.jvp`). entk calls no deprecated torch API; any other warning passes through."""
+    global _FORWARD_MODE_LOADED
+    if _FORWARD_MODE_LOADED:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
+                                category=FutureWarning)
+        yield
+    _FORWARD_MODE_LOADED = True
 
 
 class ForwardModeChoice:
@@ -136,7 +159,7 @@ class ForwardModeChoice:
             return f"<J Jᵀc, c> = {got:.6g}, ‖Jᵀc‖² = {expected:.6g}"
 
         try:
-            wrong = disagreement(torch.func.jvp(fn, tuple(primals), tangents)[1])
+            wrong = disagreement(_forward_mode_jvp(fn, tuple(primals), tangents))
             if not wrong:
                 return
             reason = (f"forward-mode AD disagrees with reverse mode ({wrong}): an op's forward "
@@ -165,7 +188,7 @@ class ForwardModeChoice:
         parameters at the example input; this call may differ) switches to the double VJP."""
         if self.method == "torch.func.jvp":
             try:
-                return torch.func.jvp(fn, primals, tangents)[1]
+                return _forward_mode_jvp(fn, primals, tangents)
             except RuntimeError as err:  # NotImplementedError is a RuntimeError
                 if not _forward_ad_unsupported(err):
                     raise
@@ -181,6 +204,14 @@ class ForwardModeChoice:
             err.add_note(f"{self.name}: this JVP was a double VJP, because torch has no forward-mode AD "
                          f"for the module ({self.reason}).")
             raise
+
+
+def _forward_mode_jvp(fn: Callable[..., tuple[torch.Tensor, ...]], primals: tuple[torch.Tensor, ...],
+                      tangents: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """`torch.func.jvp(fn, primals, tangents)`'s tangents, without the `torch.jit.script is
+    deprecated` FutureWarning torch raises from inside itself on its first forward-mode pass."""
+    with forward_mode_ready():
+        return torch.func.jvp(fn, primals, tangents)[1]
 
 
 def _first_line(err: BaseException) -> str:
@@ -255,14 +286,15 @@ def _flatten_output(out: Any, path: str = "output") -> tuple[list[torch.Tensor],
                     f"or tuples / lists / dicts of tensors.")
 
 
-def _treedef_of(skeleton: Any) -> jax.tree_util.PyTreeDef:
-    return jax.tree_util.tree_structure(skeleton, is_leaf=lambda x: x is None)
-
-
-def _as_jax(x: Any) -> jax.Array:
-    if isinstance(x, torch.Tensor):
-        return jnp.asarray(_to_numpy(x))
-    return jnp.asarray(x)
+def _with(primal: Callable[..., tuple[torch.Tensor, ...]], xs: Sequence[torch.Tensor],
+          argnums: tuple[int, ...]) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """`primal` as a function of `xs[i] for i in argnums` only, the other operands fixed."""
+    def g(*diff: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        full = list(xs)
+        for i, v in zip(argnums, diff):
+            full[i] = v
+        return primal(*full)
+    return g
 
 
 def bridge_model(module: torch.nn.Module, example_input: Any, *, include_frozen: bool = False) -> Model:
@@ -301,87 +333,41 @@ def bridge_model(module: torch.nn.Module, example_input: Any, *, include_frozen:
     for name, p in module.named_parameters():
         differentiate = p.requires_grad or (include_frozen and p.is_floating_point())
         (param_names if differentiate else frozen_names).append(name)
-    for name in param_names:
-        p = module.get_parameter(name)
-        if not p.is_floating_point():
-            raise TypeError(f"bridge_model: parameter {name!r} has dtype {p.dtype}; only floating-point "
-                            f"parameters can be differentiated. Set requires_grad=False to hold it in "
-                            f"state.")
+    named = dict(list(module.named_parameters()) + list(module.named_buffers()))
     buffer_names = [name for name, _ in module.named_buffers()]
     tensor_names = param_names + frozen_names + buffer_names
-    n_named, n_params, n_inputs = len(tensor_names), len(param_names), len(example_args)
-
-    skeleton_box: list[Any] = []
-
-    def primal(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        tensors = dict(zip(tensor_names, xs[:n_named]))
-        with _eval_mode(module):
-            out = torch.func.functional_call(module, tensors, tuple(xs[n_named:]))
-        leaves, skeleton = _flatten_output(out)
-        if not skeleton_box:
-            skeleton_box.append(skeleton)
-        return tuple(leaves)
-
-    def _with(xs: Sequence[torch.Tensor], argnums: tuple[int, ...]):
-        def g(*diff: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            full = list(xs)
-            for i, v in zip(argnums, diff):
-                full[i] = v
-            return primal(*full)
-        return g
-
+    n_named, n_inputs = len(tensor_names), len(example_args)
     name = f"torch bridge of {type(module).__name__}"
     forward_mode = ForwardModeChoice(name)
 
-    def jvp(argnums, xs, tangents):
+    def call(ops: tuple) -> Any:
+        with _eval_mode(module):
+            return torch.func.functional_call(module, dict(zip(tensor_names, ops[:n_named])),
+                                              tuple(ops[n_named:]))
+
+    def jvp(primal, argnums, xs, tangents):
         primals = tuple(xs[i] for i in argnums)
         tangents = tuple(t.to(p.dtype) for t, p in zip(tangents, primals))
-        return forward_mode.jvp(_with(xs, argnums), primals, tangents)
+        return forward_mode.jvp(_with(primal, xs, argnums), primals, tangents)
 
-    def vjp(argnums, xs, cotangents):
-        _, pullback = torch.func.vjp(_with(xs, argnums), *(xs[i] for i in argnums))
+    def vjp(primal, argnums, xs, cotangents):
+        _, pullback = torch.func.vjp(_with(primal, xs, argnums), *(xs[i] for i in argnums))
         return pullback(tuple(cotangents))
 
-    foreign = ForeignFunction(
-        TORCH_BACKEND, primal, jvp, vjp,
-        lambda specs: infer_out_specs_by_running(TORCH_BACKEND, torch.no_grad()(primal), specs),
-        name=name)
+    def probe_jvp(primal, example_ops: list) -> bool:  # forward mode, on the example's parameters
+        if param_names:
+            argnums = tuple(range(len(param_names)))
+            forward_mode.probe(_with(primal, example_ops, argnums), example_ops[:len(param_names)])
+        return forward_mode.method != "unavailable"
 
-    with torch.no_grad():
-        named = {n: _to_numpy(t) for n, t in
-                 list(module.named_parameters()) + list(module.named_buffers())}
-    params = {n: jnp.asarray(named[n]) for n in param_names}
-    state = {"buffers": {n: jnp.asarray(named[n]) for n in buffer_names},
-             "frozen": {n: jnp.asarray(named[n]) for n in frozen_names}}
-
-    example_specs = [jax.ShapeDtypeStruct(tuple(named[n].shape), named[n].dtype) for n in tensor_names]
-    example_specs += [jax.ShapeDtypeStruct(tuple(x.shape), _to_numpy(x).dtype) for x in example_args]
-    with torch.no_grad():
-        foreign.out_specs(example_specs)  # runs the module once: validates it, records the structure
-    out_treedef = _treedef_of(skeleton_box[0])
-    if param_names:
-        named_tensors = dict(list(module.named_parameters()) + list(module.named_buffers()))
-        example_ops = [named_tensors[n].detach() for n in tensor_names] + list(example_args)
-        forward_mode.probe(_with(example_ops, tuple(range(n_params))), example_ops[:n_params])
-
-    def apply_with_state(params: PyTree, state: PyTree, x: Any, **kwargs: Any) -> PyTree:
-        if kwargs:
-            raise TypeError(f"a torch bridge model takes no keyword arguments, got {sorted(kwargs)}.")
+    def input_leaves(x: Any) -> list:
         args = tuple(x) if multi_input else (x,)
         if len(args) != n_inputs:
             raise ValueError(f"the torch module takes {n_inputs} input(s) (as in example_input), got "
                              f"{len(args)}.")
-        missing = [n for n in param_names if n not in params]
-        if missing:
-            raise KeyError(f"params lacks the torch parameter(s) {missing[:5]}; pass the dict of "
-                           f"model.params (keyed by named_parameters() names).")
-        operands = ([params[n] for n in param_names] + [state["frozen"][n] for n in frozen_names]
-                    + [state["buffers"][n] for n in buffer_names] + [_as_jax(a) for a in args])
-        outs = foreign(*operands)
-        return jax.tree_util.tree_unflatten(out_treedef, outs)
+        return list(args)
 
     info = {
-        "mode": "bridge",
         "framework": "torch",
         "module": type(module).__name__,
         "param_names": tuple(param_names),
@@ -389,9 +375,16 @@ def bridge_model(module: torch.nn.Module, example_input: Any, *, include_frozen:
         "buffer_names": tuple(buffer_names),
         "input_layout": "torch (NCHW for images)",
         "sd": SD_UNAVAILABLE,
-        "foreign_function": foreign,
         "forward_mode": forward_mode,
     }
-    capabilities = {"jc"} if forward_mode.method == "unavailable" else {"jc", "ntvp"}
-    return Model(apply_with_state, params, state, source="torch",
-                 capabilities=frozenset(capabilities), info=info)
+    return build_bridge(BridgeConfig(
+        backend=TORCH_BACKEND, name=name, source="torch", label="torch",
+        tensors=[(n, named[n].detach()) for n in tensor_names], n_params=len(param_names),
+        state_groups=[("frozen", len(frozen_names)), ("buffers", len(buffer_names))],
+        example_inputs=example_args, input_leaves=input_leaves, call=call,
+        flatten_output=_flatten_output, jvp=jvp, vjp=vjp, is_tensor=torch.is_tensor,
+        inference=torch.no_grad, probe_jvp=probe_jvp, param_word="parameter",
+        nonfloat_hint="Set requires_grad=False to hold it in state.",
+        missing_params="params lacks the torch parameter(s) {missing}; pass the dict of model.params "
+                       "(keyed by named_parameters() names).",
+        info=info))

@@ -15,9 +15,16 @@ from typing import Any
 
 import torch
 
-from entk.adapters.torch.bridge import _eval_mode
+from entk.adapters.torch.bridge import _eval_mode, forward_mode_ready
 
 __all__ = ["linearize", "LinearizedModule"]
+
+
+def _attribute(module: torch.nn.Module, name: str) -> torch.Tensor:
+    """The tensor at dotted `name` in `module` (a parameter, a buffer, or what replaced them)."""
+    for part in name.split("."):
+        module = getattr(module, part)
+    return module
 
 
 def _tree_add(a: Any, b: Any) -> Any:
@@ -70,15 +77,17 @@ class LinearizedModule(torch.nn.Module):
         The original network is evaluated in eval mode (dropout off, BatchNorm on running statistics),
         so the linearization is that of the inference function whatever `self.training` is.
         """
-        theta = {n: self.module.get_parameter(n) for n in self._names}
-        theta0 = {n: self.theta0.get_buffer(n) for n in self._names}
+        # Attribute lookups, not get_parameter/get_buffer: under torch.func.functional_call (a
+        # torch.func Jacobian of this module) the parameters are plain tensors.
+        theta = {n: _attribute(self.module, n) for n in self._names}
+        theta0 = {n: _attribute(self.theta0, n) for n in self._names}
         delta = {n: theta[n] - theta0[n] for n in self._names}
         module = self.module
 
         def f(params: dict[str, torch.Tensor]) -> Any:
             return torch.func.functional_call(module, params, args, kwargs, strict=False)
 
-        with _eval_mode(module):
+        with _eval_mode(module), forward_mode_ready():
             out, tangent = torch.func.jvp(f, (theta0,), (delta,))
         return _tree_add(out, tangent)
 

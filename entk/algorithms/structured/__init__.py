@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from entk.algorithms.axes import KernelAxes, VmapAxes
+# Novak et al. (2022) bound SD's cost by JC's: the cost model uses the same asymptotic FLOP count.
+from entk.algorithms.jacobian_contraction import asymptotic_flops
 
 from .contract import build_groups, leaf_kernel
 from .cotangents import plan_uses, side_tensors
@@ -113,10 +115,9 @@ def _empirical_ntk(f: Callable[..., PyTree], x1: PyTree, x2: PyTree | None, para
     for leaf, (s1, s2) in enumerate(zip(side1.out_shapes, side2.out_shapes)):
         leaf_axes = axes.for_leaf(len(s1), where=f"output leaf {leaf} of shape {s1}")
         dtype = side1.out_dtypes[leaf] if is_float(side1.out_dtypes[leaf]) else jnp.float32
-        canonical = leaf_kernel(side1, groups1, side2, groups2, leaf, leaf_axes, dtype)
-        canonical = (canonical / leaf_axes.trace_size(s1)).astype(dtype)
-        kernels.append(leaf_axes.to_output_layout(canonical))
+        summed = leaf_kernel(side1, groups1, side2, groups2, leaf, leaf_axes, dtype)
+        kernels.append(leaf_axes.finish(summed, s1, dtype))
     return side1.out_tree.unflatten(kernels)
 
 
-__all__ = ["empirical_ntk", "NoStructureRuleWarning", "SCAN_UNROLL_LIMIT"]
+__all__ = ["empirical_ntk", "asymptotic_flops", "NoStructureRuleWarning", "SCAN_UNROLL_LIMIT"]

@@ -171,11 +171,28 @@ class Analysis:
 # ----------------------------------------------------------------------------------------------
 # Index maps of structural primitives (numpy, evaluated at trace time)
 
+INDEX_FNS: dict[str, IndexFn] = {}
+"""Primitive name -> its index map in numpy (`fn(eqn, operand index maps) -> output index map`),
+registered beside each function by `@index_map(...)`; also used to fold integer constants (`graph`)."""
+
+
+def index_map(*primitives: str) -> Callable[[IndexFn], IndexFn]:
+    """Decorator: `fn(eqn, ops)` rearranges its operands as `primitives` do (a view of a view)."""
+    def decorate(fn: IndexFn) -> IndexFn:
+        for name in primitives:
+            if name in INDEX_FNS:
+                raise ValueError(f"Primitive {name!r} already has an index map.")
+            INDEX_FNS[name] = fn
+        return fn
+
+    return decorate
+
 
 def _fill(aval: Any) -> np.ndarray:
     return np.full(aval.shape, -1, np.int64)
 
 
+@index_map("reshape")
 def _reshape(eqn, ops):
     x = ops[0]
     if eqn.params.get("dimensions") is not None:
@@ -183,6 +200,7 @@ def _reshape(eqn, ops):
     return x.reshape(eqn.params["new_sizes"])
 
 
+@index_map("broadcast_in_dim")
 def _broadcast_in_dim(eqn, ops):
     shape = tuple(eqn.params["shape"])
     tmp = [1] * len(shape)
@@ -191,6 +209,7 @@ def _broadcast_in_dim(eqn, ops):
     return np.broadcast_to(ops[0].reshape(tmp), shape)
 
 
+@index_map("slice")
 def _slice(eqn, ops):
     p = eqn.params
     strides = p["strides"] or (1,) * ops[0].ndim
@@ -198,6 +217,7 @@ def _slice(eqn, ops):
                                                              strides))]
 
 
+@index_map("pad")
 def _pad(eqn, ops):
     x = ops[0]
     for axis, (lo, hi, interior) in enumerate(eqn.params["padding_config"]):
@@ -220,6 +240,7 @@ def _pad(eqn, ops):
     return x
 
 
+@index_map("dynamic_slice")
 def _dynamic_slice(eqn, ops):
     x, starts = ops[0], ops[1:]
     sizes = eqn.params["slice_sizes"]
@@ -230,23 +251,35 @@ def _dynamic_slice(eqn, ops):
     return x[tuple(index)]
 
 
-INDEX_FNS: dict[str, IndexFn] = {  # numpy rearrangements, also used to fold integer constants
-    "reshape": _reshape,
-    "transpose": lambda eqn, ops: np.transpose(ops[0], eqn.params["permutation"]),
-    "broadcast_in_dim": _broadcast_in_dim,
-    "squeeze": lambda eqn, ops: np.squeeze(ops[0], axis=tuple(eqn.params["dimensions"])),
-    "expand_dims": lambda eqn, ops: np.expand_dims(ops[0], tuple(eqn.params["dimensions"])),
-    "convert_element_type": lambda eqn, ops: ops[0],
-    "copy": lambda eqn, ops: ops[0],
-    "copy_p": lambda eqn, ops: ops[0],
-    "sharding_constraint": lambda eqn, ops: ops[0],
-    "device_put": lambda eqn, ops: ops[0],
-    "slice": _slice,
-    "rev": lambda eqn, ops: np.flip(ops[0], tuple(eqn.params["dimensions"])),
-    "pad": _pad,
-    "concatenate": lambda eqn, ops: np.concatenate(ops, axis=eqn.params["dimension"]),
-    "dynamic_slice": _dynamic_slice,
-}
+@index_map("transpose")
+def _transpose(eqn, ops):
+    return np.transpose(ops[0], eqn.params["permutation"])
+
+
+@index_map("squeeze")
+def _squeeze(eqn, ops):
+    return np.squeeze(ops[0], axis=tuple(eqn.params["dimensions"]))
+
+
+@index_map("expand_dims")
+def _expand_dims(eqn, ops):
+    return np.expand_dims(ops[0], tuple(eqn.params["dimensions"]))
+
+
+@index_map("convert_element_type", "copy", "copy_p", "sharding_constraint", "device_put")
+def _same(eqn, ops):
+    return ops[0]
+
+
+@index_map("rev")
+def _rev(eqn, ops):
+    return np.flip(ops[0], tuple(eqn.params["dimensions"]))
+
+
+@index_map("concatenate")
+def _concatenate(eqn, ops):
+    return np.concatenate(ops, axis=eqn.params["dimension"])
+
 
 VIEW_PRIMITIVES = frozenset(INDEX_FNS)
 """Primitives whose output can be a rearrangement of a parameter (decides inlining in `graph`)."""

@@ -20,7 +20,7 @@ both sides' tensors, whose contraction order `opt_einsum` picks by FLOP count: e
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -84,6 +84,41 @@ def substitute(ops: Sequence[Any], k: int, value: Any) -> list:
     ops = list(ops)
     ops[k] = value
     return ops
+
+
+# ----------------------------------------------------------------------------------------------
+# Registration: each rule registers the primitives it handles beside its code (`@register(...)`), as
+# the ATen ops of the torch adapter do; `rules.rule_for` looks them up here.
+
+_FACTORISED: dict[str, Rule] = {}  # primitive name -> its factorised rule (tried first)
+_FALLBACK: dict[str, Rule] = {}    # primitive name -> the rule used when that declines (else generic)
+
+_R = TypeVar("_R")
+
+
+def register(*primitives: str, fallback: bool = False) -> Callable[[_R], _R]:
+    """Decorator: the rule (a class, instantiated once, or an instance) handles `primitives`.
+
+    `fallback=True`: used for these primitives only when their factorised rule declines the use (or
+    there is none), instead of the generic rule and its warning (e.g. the linear rule).
+    """
+    table = _FALLBACK if fallback else _FACTORISED
+
+    def decorate(rule: _R) -> _R:
+        instance = rule() if isinstance(rule, type) else rule
+        for name in primitives:
+            if name in table:
+                raise ValueError(f"Primitive {name!r} already has a structured-derivative "
+                                 f"{'fallback ' if fallback else ''}rule ({table[name].name}).")
+            table[name] = instance
+        return rule
+
+    return decorate
+
+
+def registered(name: str) -> tuple[Rule | None, Rule | None]:
+    """`(factorised rule, fallback rule)` registered for primitive `name` (None where there is none)."""
+    return _FACTORISED.get(name), _FALLBACK.get(name)
 
 
 class GenericRule:

@@ -11,14 +11,14 @@ transposed-convolution case is the same with input dilation), the output-feature
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jex
 
-from .base import Plan, shape_signature
+from .base import Plan, register, shape_signature
 
 
 class _Labels:
@@ -30,6 +30,7 @@ class _Labels:
         return self.next - 1
 
 
+@register("dot_general")
 class DotGeneralRule:
     name = "dot_general"
     warns = False
@@ -65,6 +66,7 @@ class DotGeneralRule:
         return [ops[1 - k]]
 
 
+@register("conv_general_dilated")
 class ConvKernelRule:
     """`conv_general_dilated` with the parameter as kernel (operand 1)."""
 

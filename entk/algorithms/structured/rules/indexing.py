@@ -14,11 +14,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jex
 
-from .base import GenericRule, Plan, shape_signature
+from .base import GenericRule, Plan, register, shape_signature
 
 _CLIP_MODES = (lax.GatherScatterMode.CLIP, lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
+@register("gather")
 class GatherRule:
     name = "gather"
     warns = False
@@ -70,13 +71,12 @@ class GatherRule:
         return out
 
 
-LINEAR = frozenset({
+LINEAR_RULE = register(
     "dynamic_slice", "dynamic_update_slice", "concatenate", "pad", "gather", "scatter-add",
     "scatter_add", "scatter", "conv_general_dilated", "transpose", "reshape", "broadcast_in_dim",
     "squeeze", "expand_dims", "slice", "rev", "reduce_window_sum", "select_and_gather_add", "copy",
     "copy_p", "convert_element_type", "device_put", "sharding_constraint", "dot_general",
-    "reduce_sum", "cumsum",
-})
-"""Primitives linear in each floating operand: their Jacobian is one VJP, no warning needed."""
-
-LINEAR_RULE = GenericRule("linear", warns=False)
+    "reduce_sum", "cumsum", fallback=True,
+)(GenericRule("linear", warns=False))
+"""For primitives linear in each floating operand, when no factorised rule applies: their Jacobian is
+one VJP, no warning needed."""

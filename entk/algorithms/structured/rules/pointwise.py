@@ -13,20 +13,19 @@ import jax.numpy as jnp
 from jax.extend import core as jex
 
 from ..graph import eval_eqn, is_float
-from .base import Plan, shape_signature, substitute
+from .base import Plan, register, shape_signature, substitute
 
 _SIGNED = {"add": 1, "add_any": 1, "sub": 1, "neg": -1, "convert_element_type": 1, "copy": 1,
            "copy_p": 1}
 
-ELEMENTWISE = frozenset(_SIGNED) | frozenset({
+@register(
+    *_SIGNED,
     "mul", "div", "max", "min", "pow", "integer_pow", "exp", "exp2", "log", "log1p", "expm1", "tanh",
     "logistic", "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "asinh", "acosh", "atanh",
     "sqrt", "rsqrt", "cbrt", "abs", "sign", "floor", "ceil", "round", "square", "erf", "erfc",
     "erf_inv", "lgamma", "digamma", "atan2", "rem", "select_n", "clamp", "reduce_precision",
     "nextafter",
-})
-
-
+)
 class ElementwiseRule:
     name = "elementwise"
     warns = False
@@ -75,6 +74,7 @@ class ElementwiseRule:
         return [d]
 
 
+@register("reduce_sum")
 class ReduceSumRule:
     name = "reduce_sum"
     warns = False

@@ -15,7 +15,7 @@ from typing import Any
 
 import keras
 
-from entk.monitor import NTKMonitor
+from entk.monitor.ntk_monitor import NTKMonitor
 
 __all__ = ["KerasNTKMonitor"]
 

@@ -1,24 +1,6 @@
-"""Watching the empirical NTK of a probe set while a network trains.
+"""`NTKMonitor`: the probe-set NTK and its diagnostics, recorded while a network trains.
 
-    monitor = entk.monitor.NTKMonitor(module, probe_x, probe_y, every=50)   # records step 0
-    for step in range(steps):
-        ...; optimizer.step()
-        monitor.step(module)                       # records at steps 50, 100, ...
-    monitor.to_csv("ntk.csv"); monitor.plot("ntk.png")
-
-Each record holds the probe-set kernel's distance to its initial value (how far the kernel moved),
-its distance to the previous record and that distance per training step (the kernel velocity),
-its alignment with `probe_y`, its trace, extreme eigenvalues, condition number and effective rank
-(see `entk.metrics` for the definitions).
-
-Cost: the model is converted to an `entk.Model` once and its kernel function compiled once, with
-the parameters (and the model state, e.g. BatchNorm statistics) as arguments. A record then reads
-the current parameters (for PyTorch, `named_parameters()` into the dict keyed by those names that
-the adapter's `Model.params` uses; for Keras and others, through their adapter) and runs that one
-compiled function: one kernel evaluation, no re-export, no recompilation.
-
-`KerasNTKMonitor` (a `keras.callbacks.Callback`, in `entk.monitor_keras`) is importable from here;
-Keras is imported only when that name is first used.
+See `entk.monitor` for the usage and the cost of a record.
 """
 
 from __future__ import annotations
@@ -32,10 +14,10 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from entk import metrics
+from entk import adapters, metrics
 from entk.model import Model
 
-__all__ = ["NTKMonitor", "FIELDS"]  # KerasNTKMonitor too, via __getattr__ (imports Keras)
+__all__ = ["NTKMonitor", "FIELDS"]
 
 PyTree = Any
 
@@ -45,84 +27,35 @@ FIELDS = ("step", "distance_from_init", "distance_from_previous", "velocity", "a
           "effective_rank")
 
 
-def __getattr__(name: str) -> Any:
-    if name == "KerasNTKMonitor":
-        from entk.monitor_keras import KerasNTKMonitor
-
-        return KerasNTKMonitor
-    raise AttributeError(f"module 'entk.monitor' has no attribute {name!r}")
-
-
 # ----------------------------------------------------------------------------------------------
 # Reading the current parameters of whatever the user trains
-
-
-def _top_package(obj: Any) -> str:
-    for cls in type(obj).__mro__:
-        top = (cls.__module__ or "").split(".")[0]
-        if top in ("torch", "tensorflow", "keras", "tf_keras"):
-            return top
-    return ""
 
 
 class _Source:
     """The model converted once, and how to read its current `(params, state)` from what the user holds."""
 
     def __init__(self, model: Any, probe_x: Any, params: PyTree):
-        from entk import adapters
-
         self.probe_x = probe_x
-        self.framework = _top_package(model)
-        self.plain_function = (not isinstance(model, Model) and not self.framework
-                               and callable(model) and params is not None)
-        # A plain function is wrapped here with *these* params (adapters.to_model keeps one Model per
-        # function, holding the params it was first seen with).
-        self.model: Model = (Model.from_function(model, params) if self.plain_function
-                             else adapters.to_model(model, probe_x, params=params))
+        self.plain_function = (not isinstance(model, Model) and not adapters.needs_example(model)
+                               and not adapters.is_flax_pair(model) and callable(model))
+        self.model: Model = adapters.to_model(model, probe_x, params=params)
 
     def read(self, obj: Any, params: PyTree, state: PyTree) -> tuple[PyTree, PyTree]:
-        """Current `(params, state)`: from `obj` (the trained model) unless given explicitly."""
+        """Current `(params, state)`: from `obj` (the trained model) unless given explicitly.
+
+        A torch module's tensors are read without copying (`entk.adapters.current_tensors`), which
+        is safe because `record` waits for the kernel before the optimizer can change them again.
+        """
         if params is not None:
             return params, self.model.state if state is None else state
         if obj is None:
             raise TypeError("NTKMonitor.step/record needs the model being trained (monitor.step(model)) "
                             "or its current parameters (params=...).")
-        if isinstance(obj, Model):
-            return obj.params, obj.state if state is None else state
-        if self.plain_function:
+        if self.plain_function and not isinstance(obj, Model):
             raise TypeError("This monitor watches a plain function f(params, x): pass its current "
                             "parameters, monitor.step(params=new_params).")
-        if _top_package(obj) == "torch" and self.model.source == "torch":
-            return self._read_torch(obj)
-        from entk import adapters
-
-        fresh = adapters.to_model(obj, self.probe_x)
-        return fresh.params, fresh.state
-
-    def _read_torch(self, module: Any) -> tuple[PyTree, PyTree]:
-        """`named_parameters()` / `named_buffers()` read into the torch model's dicts.
-
-        Both torch adapter modes (export and bridge) key `params` by `named_parameters()` names and
-        hold `{"buffers": ..., "frozen": ...}` in `state`; the arrays alias the tensors' memory (DLPack)
-        only until the kernel is computed, which `record` waits for, before the optimizer runs again.
-        """
-        from entk.adapters.torch import to_jax
-
-        named = dict(module.named_parameters())
-        missing = [name for name in self.model.params if name not in named]
-        if missing:
-            raise ValueError(f"The module passed to NTKMonitor.step has no parameters named {missing[:3]} "
-                             f"that the monitored module had; pass the module the monitor was built on.")
-        params = {name: to_jax(named[name]) for name in self.model.params}
-        state = self.model.state
-        if isinstance(state, dict) and {"buffers", "frozen"} <= set(state):
-            buffers = dict(module.named_buffers(remove_duplicate=False))
-            state = {**state,
-                     "buffers": {name: to_jax(buffers[name]) if name in buffers else value
-                                 for name, value in state["buffers"].items()},
-                     "frozen": {name: to_jax(named[name]) if name in named else value
-                                for name, value in state["frozen"].items()}}
-        return params, state
+        current = adapters.current_tensors(obj, self.probe_x)
+        return current if state is None else (current[0], state)
 
 
 def _signature(tree: PyTree) -> tuple:
@@ -164,7 +97,6 @@ class NTKMonitor:
     def __init__(self, model: Any, probe_x: Any, probe_y: Any = None, every: int = 1, *,
                  keep_kernels: bool = False, record_initial: bool = True, params: PyTree = None,
                  **ntk_kwargs: Any):
-        from entk import adapters
         from entk.empirical import empirical_ntk_fn
 
         if not isinstance(every, (int, np.integer)) or isinstance(every, bool) or every < 1:
@@ -191,7 +123,8 @@ class NTKMonitor:
         self.steps = 0
         self._warned_non_finite = False
         if record_initial:
-            self.record(model if params is None else None, params=params)
+            self.record(model if params is None else None,
+                        params=None if params is None else self.model.params)
 
     @property
     def model(self) -> Model:
@@ -199,7 +132,8 @@ class NTKMonitor:
         return self._source.model
 
     def _targets(self, probe_y: Any) -> np.ndarray:
-        y, dtype = metrics._to_numpy(probe_y, "probe_y")
+        y = adapters.to_numpy(probe_y)
+        dtype = y.dtype
         out = jax.eval_shape(self._source.model.apply, self._source.model.params, self._x)
         leaves = jax.tree_util.tree_leaves(out)
         n_out = math.prod(leaves[0].shape[1:]) if len(leaves) == 1 else 0
