@@ -236,3 +236,29 @@ def test_taylor_expand_is_exact_for_a_quadratic():
     params = {"a": jax.random.normal(keys[2], (4, 5)), "b": jax.random.normal(keys[3], (5, 2))}
     x = jnp.arange(12.0).reshape(3, 4) / 10
     assert_close(entk.taylor_expand(f, params0, 2)(params, x), f(params, x))
+
+
+def test_prepared_call_holds_what_strategies_take_for_granted():
+    """`entk.algorithms.call.prepare`: x2 is x1 collapses to None, kwargs split per side, "auto"
+    resolved by the batch-independence analysis, output shapes traced once; and the strategies run
+    on it agree with brute force."""
+    from entk.algorithms.axes import KernelAxes
+    from entk.algorithms.call import prepare
+
+    def f(p, x, scale=1.0):
+        return scale * jnp.tanh(x @ p["w"])
+
+    params = {"w": jax.random.normal(jax.random.PRNGKey(0), (3, 5))}
+    x1, x2 = jnp.ones((4, 3)), jnp.arange(6.0).reshape(2, 3)
+    same = prepare(f, x1, x1, params, {"scale": 2.0}, KernelAxes.create((-1,), ()), "auto")
+    assert same.x2 is None and same.out2 is same.out1 and same.kwargs1 == {"scale": 2.0}
+    assert same.vmap is not None and same.vmap.input_axes(x1) == 0  # independent: per example
+    call = prepare(f, x1, x2, params, {"scale": (1.0, 3.0)}, KernelAxes.create((), ()), None)
+    assert (call.kwargs1, call.kwargs2) == ({"scale": 1.0}, {"scale": 3.0})
+    assert (call.out1.shape, call.out2.shape) == ((4, 5), (2, 5)) and call.vmap is None
+    j1 = jax.jacobian(lambda p: f(p, x1, 1.0))(params)["w"].reshape(4, 5, -1)  # brute force
+    j2 = jax.jacobian(lambda p: f(p, x2, 3.0))(params)["w"].reshape(2, 5, -1)
+    for strategy in ("jc", "ntvp", "sd"):
+        kernel = call.run(strategy)
+        assert kernel.shape == (4, 2, 5, 5)
+        assert_close(kernel, jnp.einsum("nap,mbp->nmab", j1, j2))

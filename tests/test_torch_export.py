@@ -621,3 +621,29 @@ def test_xla_cpu_reduce_broadcast_reduce_chain_is_exact_in_float32():
     out = jax.jit(chain)(g.astype(np.float32), c.astype(np.float32))
     assert _relative_error(out, chain(g, c)) <= 1e-5
 
+
+
+class NormalizeWithZeroRows(nn.Module):
+    """`F.normalize` of rows that are exactly zero for some examples (as SwinV2's zero-padded
+    attention windows are): PyTorch's norm has derivative 0 at a zero vector."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        keys = self.a(x) * (x[:, :1] > 0)
+        return self.b(torch.nn.functional.normalize(keys, dim=-1))
+
+
+@pytest.mark.parametrize("implementation", ["jc", "ntvp", "sd"])
+def test_norm_of_a_zero_vector_has_pytorchs_derivative(implementation):
+    """torch.export's decomposition of `linalg_vector_norm`, `pow(sum(x²), 0.5)`, differentiates to
+    0·∞ = NaN at a zero row (torchvision's swin_v2_t eNTK had NaN entries); the op is translated whole."""
+    torch.manual_seed(0)
+    module = NormalizeWithZeroRows().double()
+    x = _normal(4, 4, dtype=torch.float64)
+    x[0, 0], x[1, 0] = 1.0, -1.0
+    kernel = entk.ntk(module, x, implementation=implementation)
+    assert torch.isfinite(kernel).all()
+    assert _relative_error(kernel, torch_func_ntk(module, x, None)) <= 1e-12

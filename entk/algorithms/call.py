@@ -58,6 +58,8 @@ class PreparedCall:
       kwargs1, kwargs2: keyword arguments for `f(x1)` and `f(x2)` (the same dict when `x2` is `None`).
       axes: the requested trace / diagonal axes.
       vmap: the verified `VmapAxes` (`"auto"` resolved), or `None`: the whole batch at once.
+      out1, out2: `f`'s output shapes for `x1` and `x2` (`jax.ShapeDtypeStruct` pytrees; `out2 is
+        out1` when `x2` is `None`), e.g. for the cost model's output-size terms.
     """
 
     f: Callable[..., PyTree]
@@ -68,6 +70,8 @@ class PreparedCall:
     kwargs2: dict
     axes: KernelAxes
     vmap: VmapAxes | None
+    out1: PyTree = None
+    out2: PyTree = None
 
     def run(self, strategy: Strategy | str | int) -> PyTree:
         """The kernel by a concrete strategy (`algorithms.get`), each leaf in the output layout."""
@@ -99,7 +103,7 @@ def prepare(f: Callable[..., PyTree], x1: PyTree, x2: PyTree | None, params: PyT
         _check_batch_independent(f, x1, params, kwargs1, vmap)
         if x2 is not None:
             _check_batch_independent(f, x2, params, kwargs2, vmap)
-    return PreparedCall(f, x1, x2, params, kwargs1, kwargs2, axes, vmap)
+    return PreparedCall(f, x1, x2, params, kwargs1, kwargs2, axes, vmap, out1, out2)
 
 
 def _path(keypath) -> str:

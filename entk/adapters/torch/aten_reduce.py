@@ -154,9 +154,13 @@ def linalg_vector_norm(self, ord=2, dim=None, keepdim=False, *, dtype=None):  # 
         return jnp.sum(x != 0, axis=axes, keepdims=keepdim).astype(x.dtype)
     if ord == 1:
         return jnp.sum(x, axis=axes, keepdims=keepdim)
-    if ord == 2:
-        return jnp.sqrt(jnp.sum(x * x, axis=axes, keepdims=keepdim))
-    return jnp.sum(x ** ord, axis=axes, keepdims=keepdim) ** (1.0 / ord)
+    # PyTorch's norm has derivative 0 at a zero vector; a plain root has 0·∞ = NaN there, so the root
+    # is taken of a sum that is never 0 (the double `where` keeps the NaN out of the other branch).
+    total = jnp.sum(x * x if ord == 2 else x ** ord, axis=axes, keepdims=keepdim)
+    nonzero = total > 0
+    safe = jnp.where(nonzero, total, jnp.ones_like(total))
+    root = jnp.sqrt(safe) if ord == 2 else safe ** (1.0 / ord)
+    return jnp.where(nonzero, root, jnp.zeros_like(root))
 
 
 @register("logsumexp")

@@ -166,8 +166,11 @@ def _decomposition_table() -> dict:
 
 
 # Ops kept whole: scaled_dot_product_attention's decomposition is slower and fails for some
-# layouts (e.g. Hugging Face GPT-2) in run_decompositions.
-_KEEP = (torch.ops.aten.scaled_dot_product_attention.default,)
+# layouts (e.g. Hugging Face GPT-2) in run_decompositions; linalg_vector_norm's is `pow(sum(x²), 0.5)`,
+# whose derivative at a zero vector is 0·∞ = NaN where PyTorch's own norm gives 0 (F.normalize of an
+# all-zero row, e.g. SwinV2's zero-padded attention windows; see `aten_reduce.linalg_vector_norm`).
+_KEEP = (torch.ops.aten.scaled_dot_product_attention.default,
+         torch.ops.aten.linalg_vector_norm.default)
 
 
 def export_module(module: torch.nn.Module, args: tuple, kwargs: dict, *, training: bool,
