@@ -10,7 +10,6 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from entk.algorithms import Strategy
 from entk.algorithms import cost
 from entk.model import Model
 

@@ -169,6 +169,16 @@ def FanOut(num: int) -> Layer:
     return layer(name, init_fn, apply_fn, transform, mask_fn=masking.PASS_THROUGH)
 
 
+def _same_shape_merge_init(name: str):
+    """`init_fn` of a layer merging branches of one shape into that shape, without parameters."""
+    def init_fn(rng, input_shape):
+        del rng
+        _check_same_shapes(list(input_shape), name)
+        return input_shape[0], ()
+
+    return init_fn
+
+
 def _check_same_shapes(shapes: list, name: str, skip_axis: int | None = None) -> None:
     def strip(s):
         s = list(s)
@@ -199,10 +209,7 @@ def FanInSum() -> Layer:
     """
     name = "FanInSum"
 
-    def init_fn(rng, input_shape):
-        del rng
-        _check_same_shapes(list(input_shape), name)
-        return input_shape[0], ()
+    init_fn = _same_shape_merge_init(name)
 
     def apply_fn(params, x, **kwargs):
         del params, kwargs
@@ -228,10 +235,7 @@ def FanInProd() -> Layer:
     """
     name = "FanInProd"
 
-    def init_fn(rng, input_shape):
-        del rng
-        _check_same_shapes(list(input_shape), name)
-        return input_shape[0], ()
+    init_fn = _same_shape_merge_init(name)
 
     def apply_fn(params, x, **kwargs):
         del params, kwargs

@@ -15,7 +15,7 @@ Parameterizations (neural-tangents'):
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -150,6 +150,48 @@ def _conv_init_fn(geometry, filter_shape, out_chan, W_std, b_std, parameterizati
     return init_fn
 
 
+class _ConvArgs(NamedTuple):
+    """The arguments every convolution layer checks and normalises the same way."""
+
+    name: str
+    filter_shape: tuple[int, ...]
+    d: int
+    strides: tuple[int, ...]
+    pad_mode: spatial.Padding
+    W_std: float
+    b_std: float | None
+    parameterization: str
+    dn: lax.ConvDimensionNumbers
+    filter_size: int
+
+
+def _conv_args(kind: str, out_chan: int, filter_shape: Sequence[int], strides, padding: str,
+               W_std: float, b_std: float | None, dimension_numbers: tuple | None,
+               parameterization: str, s: Sequence[int]) -> _ConvArgs:
+    """Checks and normalises the shared arguments of `Conv`, `ConvLocal`, `ConvTranspose` (`kind`)."""
+    filter_shape = tuple(int(f) for f in filter_shape)
+    d = len(filter_shape)
+    name = f"{kind}({out_chan}, {filter_shape})"
+    _check_channels_last(name, dimension_numbers)
+    _check_s(name, s)
+    parameterization = check_parameterization(name, parameterization)
+    return _ConvArgs(name, filter_shape, d, spatial.parse_window(strides, d, 1, "strides", name),
+                     spatial.parse_padding(padding, name), float(W_std),
+                     None if b_std is None else float(b_std), parameterization,
+                     _conv_dimension_numbers(d), math.prod(filter_shape))
+
+
+def _conv_geometry(a: _ConvArgs):
+    """`geometry(input_shape) -> (pads, output spatial sizes)` of a `Conv` / `ConvLocal`."""
+    def geometry(shape):
+        _check_spatial_rank(a.name, a.d, shape)
+        in_sizes = tuple(shape[1:-1])
+        pads = spatial.pads_for(a.pad_mode, in_sizes, a.filter_shape, a.strides)
+        return pads, spatial.output_sizes(in_sizes, a.filter_shape, a.strides, pads, a.name)
+
+    return geometry
+
+
 def Conv(out_chan: int, filter_shape: Sequence[int], strides: Sequence[int] | None = None,
          padding: str = "VALID", W_std: float = 1.0, b_std: float | None = None,
          dimension_numbers: tuple | None = None, parameterization: str = "ntk",
@@ -159,25 +201,10 @@ def Conv(out_chan: int, filter_shape: Sequence[int], strides: Sequence[int] | No
 
     Params `(W (*filter_shape, C_in, out_chan), b (out_chan,) or None)`; `strides` default to 1.
     """
-    filter_shape = tuple(int(f) for f in filter_shape)
-    d = len(filter_shape)
-    name = f"Conv({out_chan}, {filter_shape})"
-    _check_channels_last(name, dimension_numbers)
-    _check_s(name, s)
-    parameterization = check_parameterization(name, parameterization)
-    strides = spatial.parse_window(strides, d, 1, "strides", name)
-    pad_mode = spatial.parse_padding(padding, name)
-    W_std = float(W_std)
-    b_std = None if b_std is None else float(b_std)
-    dn = _conv_dimension_numbers(d)
-    filter_size = math.prod(filter_shape)
-
-    def geometry(shape):
-        _check_spatial_rank(name, d, shape)
-        in_sizes = tuple(shape[1:-1])
-        pads = spatial.pads_for(pad_mode, in_sizes, filter_shape, strides)
-        out = spatial.output_sizes(in_sizes, filter_shape, strides, pads, name)
-        return pads, out
+    args = _conv_args("Conv", out_chan, filter_shape, strides, padding, W_std, b_std,
+                      dimension_numbers, parameterization, s)
+    name, filter_shape, d, strides, pad_mode, W_std, b_std, parameterization, dn, filter_size = args
+    geometry = _conv_geometry(args)
 
     init_fn = _conv_init_fn(geometry, filter_shape, out_chan, W_std, b_std, parameterization)
 
@@ -224,25 +251,12 @@ def ConvLocal(out_chan: int, filter_shape: Sequence[int], strides: Sequence[int]
     are independent, so the covariance between two different positions vanishes; on the spatial
     diagonal it equals `Conv`'s.
     """
-    filter_shape = tuple(int(f) for f in filter_shape)
-    d = len(filter_shape)
-    name = f"ConvLocal({out_chan}, {filter_shape})"
-    _check_channels_last(name, dimension_numbers)
-    _check_s(name, s)
-    parameterization = check_parameterization(name, parameterization)
-    strides = spatial.parse_window(strides, d, 1, "strides", name)
-    pad_mode = spatial.parse_padding(padding, name)
-    W_std = float(W_std)
-    b_std = None if b_std is None else float(b_std)
-    dn = _conv_dimension_numbers(d)
-    filter_size = math.prod(filter_shape)
+    args = _conv_args("ConvLocal", out_chan, filter_shape, strides, padding, W_std, b_std,
+                      dimension_numbers, parameterization, s)
+    name, filter_shape, d, strides, pad_mode, W_std, b_std, parameterization, dn, filter_size = args
     shared = Conv(out_chan, filter_shape, strides, padding, W_std, b_std,
                   parameterization=parameterization)
-
-    def geometry(shape):
-        _check_spatial_rank(name, d, shape)
-        pads = spatial.pads_for(pad_mode, tuple(shape[1:-1]), filter_shape, strides)
-        return pads, spatial.output_sizes(tuple(shape[1:-1]), filter_shape, strides, pads, name)
+    geometry = _conv_geometry(args)
 
     def init_fn(rng, input_shape):
         _, out = geometry(input_shape)
@@ -311,21 +325,12 @@ def ConvTranspose(out_chan: int, filter_shape: Sequence[int], strides: Sequence[
     `Conv`'s filter-averaged diagonal window sum. Params as `Conv`'s. `'CIRCULAR'` padding is not
     supported.
     """
-    filter_shape = tuple(int(f) for f in filter_shape)
-    d = len(filter_shape)
-    name = f"ConvTranspose({out_chan}, {filter_shape})"
-    _check_channels_last(name, dimension_numbers)
-    _check_s(name, s)
-    parameterization = check_parameterization(name, parameterization)
-    strides = spatial.parse_window(strides, d, 1, "strides", name)
-    pad_mode = spatial.parse_padding(padding, name)
+    args = _conv_args("ConvTranspose", out_chan, filter_shape, strides, padding, W_std, b_std,
+                      dimension_numbers, parameterization, s)
+    name, filter_shape, d, strides, pad_mode, W_std, b_std, parameterization, dn, filter_size = args
     if pad_mode is spatial.Padding.CIRCULAR:
         raise NotImplementedError(f"{name}: padding='CIRCULAR' is not supported for transposed "
                                   f"convolutions; use 'VALID' or 'SAME'.")
-    W_std = float(W_std)
-    b_std = None if b_std is None else float(b_std)
-    dn = _conv_dimension_numbers(d)
-    filter_size = math.prod(filter_shape)
     ones = (1,) * d
 
     def geometry(shape):
