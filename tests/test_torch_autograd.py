@@ -205,28 +205,142 @@ def test_enable_grad_inside_no_grad_block():
 # ---------------------------------------------------------------- custom autograd Functions
 
 
-def test_custom_function_export_mode_is_refused():
-    module, x = _build(lambda: QuantNet(RoundSTE))
+class QuantLinear(torch.autograd.Function):
+    """Old-style, several inputs and outputs: a parameter passed in directly, a float argument,
+    saved tensors, a ctx attribute; the backward is not the derivative of the forward (rounding,
+    a mask output, a halved input gradient), so only the Function's own rule gives torch's kernel."""
+
+    @staticmethod
+    def forward(ctx, x, w, scale):
+        ctx.save_for_backward(x, w)
+        ctx.half = 0.5
+        return torch.round(x @ w.t() * scale) / scale, (x.abs() > 0.5).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g, g_mask):
+        x, w = ctx.saved_tensors
+        return ctx.half * g @ w, g.t() @ x, None
+
+
+class QuantLinearNew(torch.autograd.Function):
+    """The same as a new-style Function, its mask output marked non-differentiable."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, w, scale):
+        return torch.round(x @ w.t() * scale) / scale, (x.abs() > 0.5).to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], inputs[1])
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, g, g_mask):
+        x, w = ctx.saved_tensors
+        return 0.5 * g @ w, g.t() @ x, None
+
+
+class QuantLinearNet(_TwoLayer):
+    def __init__(self, function):
+        super().__init__()
+        self.function = function
+        self.w = nn.Parameter(torch.randn(5, 4))
+        self.c = nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        y, mask = self.function.apply(h, self.w, 4.0)
+        return self.c(torch.tanh(y)) * (1 + mask.sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("make", [lambda: QuantNet(RoundSTE), lambda: QuantNet(OldStyleRoundSTE),
+                                  lambda: QuantLinearNet(QuantLinear),
+                                  lambda: QuantLinearNet(QuantLinearNew)],
+                         ids=["ste", "ste-old-style", "quant-linear-old-style", "quant-linear"])
+def test_custom_function_keeps_its_backward_in_export_mode(make):
+    """Every strategy, the default mode included (no fall-back), against eager torch.autograd; and a
+    batch size the conversion did not see (its forward and backward are exported again)."""
+    module, x = _build(make)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ExportFallbackWarning)
+        model = from_torch(module, x)
+    assert model.info["mode"] == "export" and "entk_autograd.apply.default" in model.info["ops"]
+    reference = torch_func_ntk(module, x, None, eager=True)
+    assert np.abs(reference).max() > 1e-3
+    for implementation in EXPORT_STRATEGIES:
+        kernel = np.asarray(entk.ntk(model, x, implementation=implementation))
+        assert np.abs(kernel - reference).max() <= TOL * np.abs(reference).max(), implementation
+    x5 = torch.randn(5, 3, dtype=torch.float64)
+    kernel = np.asarray(entk.ntk(model, x5, implementation="jc"))
+    reference = torch_func_ntk(module, x5, None, eager=True)
+    assert np.abs(kernel - reference).max() <= TOL * np.abs(reference).max()
+
+
+def test_custom_function_rule_changes_the_kernel():
+    """Differentiating the Function's forward instead (what export mode did before) is wrong here."""
+    module, x = _build(lambda: QuantLinearNet(QuantLinearNew))
+    ours = np.asarray(entk.ntk(from_torch(module, x, mode="export"), x, implementation="jc"))
+    assert np.abs(ours - torch_func_ntk(module, x, None)).max() <= TOL * np.abs(ours).max()
+
+    class Inlined(QuantLinearNet):
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            y = torch.round(h @ self.w.t() * 4.0) / 4.0
+            return self.c(torch.tanh(y)) * (1 + (h.abs() > 0.5).to(h.dtype).sum(-1, keepdim=True))
+
+    inlined = Inlined(QuantLinearNew).double()
+    inlined.load_state_dict(module.state_dict())
+    wrong = torch_func_ntk(inlined, x, None)
+    assert np.abs(ours - wrong).max() > 1e-2 * np.abs(wrong).max()
+
+
+class ClosureScale(torch.autograd.Function):
+    """Reads a module parameter it is not given (through a closure over the module)."""
+
+    generate_vmap_rule = True
+    owner = None
+
+    @staticmethod
+    def forward(x):
+        return x * ClosureScale.owner.scale
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ClosureScale.owner.scale
+
+
+class ClosureNet(_TwoLayer):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(1.5))
+        ClosureScale.owner = self
+
+    def forward(self, x):
+        return self.b(ClosureScale.apply(torch.tanh(self.a(x))))
+
+
+def test_function_reading_parameters_by_closure_is_refused_and_auto_uses_the_bridge():
+    """Export would freeze the parameter's value into the translation: refused, naming the Function;
+    `mode="auto"` falls back to the bridge, whose torch.func kernel is torch's."""
+    module, x = _build(ClosureNet)
     with pytest.raises(torch_export.AutogradFunctionError) as info:
         from_torch(module, x, mode="export")
     message = str(info.value)
-    assert "test_torch_autograd.RoundSTE" in message
-    assert "module 'quant' (Quantizer)" in message
-    assert "mode='bridge'" in message
-
-
-def test_custom_function_auto_mode_falls_back_to_bridge():
-    module, x = _build(lambda: QuantNet(RoundSTE))
+    assert "test_torch_autograd.ClosureScale" in message and "module '<root>'" in message
+    assert "not among its inputs" in message and "mode='bridge'" in message
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = from_torch(module, x, mode="auto")
     fallbacks = [w for w in caught if issubclass(w.category, ExportFallbackWarning)]
-    assert len(fallbacks) == 1 and "RoundSTE" in str(fallbacks[0].message)
+    assert len(fallbacks) == 1 and "ClosureScale" in str(fallbacks[0].message)
     assert model.info["mode"] == "bridge"
     _assert_kernel(module, model, x, BRIDGE_STRATEGIES)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", ExportFallbackWarning)  # converted once: no second warning
-        _assert_kernel(module, module, x, ("jc",))
 
 
 @pytest.mark.parametrize("make", [NoGradBlock, DetachBranch])
@@ -240,11 +354,51 @@ def test_bridge_mode_keeps_no_grad_and_detach(make):
     _assert_kernel(module, model, x, BRIDGE_STRATEGIES)
 
 
-@pytest.mark.parametrize("mode", ["auto", "export", "bridge"])
-def test_old_style_custom_function_is_refused(mode):
+def test_old_style_custom_function_is_refused_by_bridge_mode():
     module, x = _build(lambda: QuantNet(OldStyleRoundSTE))
     with pytest.raises(torch_export.OldStyleAutogradFunctionError) as info:
-        from_torch(module, x, mode=mode)
+        from_torch(module, x, mode="bridge")
     message = str(info.value)
     assert "test_torch_autograd.OldStyleRoundSTE" in message
-    assert "module 'quant' (Quantizer)" in message and "setup_context" in message
+    assert "module 'quant' (Quantizer)" in message and "mode='export'" in message
+
+
+class ReentrantCheckpoint(_TwoLayer):
+    def __init__(self):
+        super().__init__()
+        self.c, self.d = nn.Linear(4, 4), nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        inner = torch.utils.checkpoint.checkpoint(lambda v: torch.tanh(self.c(v)), h, use_reentrant=True)
+        # no input of this one requires grad: PyTorch gives `d` no gradient
+        skip = torch.utils.checkpoint.checkpoint(lambda v: self.d(v), x, use_reentrant=True)
+        return self.b(inner) + skip
+
+
+def test_reentrant_checkpoint_exports_with_pytorchs_gradients():
+    """`checkpoint(..., use_reentrant=True)` is an old-style Function reading the parameters by
+    closure: export mode traces through it, with PyTorch's gradients (none for the parameters of a
+    checkpoint none of whose inputs requires grad, with a warning); eager torch.autograd is the
+    reference (torch.func cannot run it)."""
+    module, x = _build(ReentrantCheckpoint)
+    with pytest.warns(UserWarning, match="use_reentrant=False"):
+        model = from_torch(module, x)
+    assert model.info["mode"] == "export"
+    params = list(module.parameters())
+    with pytest.warns(UserWarning, match="None of the inputs"):  # PyTorch's own warning
+        out = module(x)
+    rows = []
+    for i in range(3):
+        for k in range(2):
+            module.zero_grad(set_to_none=True)
+            out[i, k].backward(retain_graph=True)  # the reentrant form refuses torch.autograd.grad
+            rows.append(torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1)
+                                   for p in params]))
+    jac = torch.stack(rows).reshape(3, 2, -1)
+    assert not jac[:, :, -8:].any()  # d's weight and bias: no gradient in PyTorch
+    reference = (torch.einsum("ikp,jkp->ij", jac, jac) / 2).detach().numpy()
+    assert np.abs(reference).max() > 1e-3
+    for implementation in ("jc", "sd"):
+        kernel = np.asarray(entk.ntk(model, x, implementation=implementation))
+        assert np.abs(kernel - reference).max() <= TOL * np.abs(reference).max()

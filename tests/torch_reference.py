@@ -62,4 +62,4 @@ def torch_func_ntk(module: nn.Module, x1, x2, *, eager: bool = False) -> np.ndar
         b = j2[name].reshape(j2[name].shape[:1 + out_ndim] + (-1,))
         total = total + torch.einsum(spec, a, b)
     channels = j1[next(iter(params))].shape[out_ndim]
-    return (total / channels).numpy()
+    return (total / channels).detach().numpy()

@@ -32,12 +32,14 @@ _ATEN: dict[str, TranslationFn] = {}
 # Python callables that appear in exported graphs (operator.getitem, operator.mul on symbolic sizes).
 _PYTHON: dict[Any, TranslationFn] = {}
 
-_FAMILIES = ("aten_elementwise", "aten_shape", "aten_strided", "aten_reduce", "aten_nn")
+_FAMILIES = ("aten_elementwise", "aten_shape", "aten_strided", "aten_reduce", "aten_nn",
+             "autograd_function")
 _loaded = False
 
 
 def register(*names: str) -> Callable[[TranslationFn], TranslationFn]:
-    """Registers a translation for aten ops named `"name"` (every overload) or `"name.overload"`."""
+    """Registers a translation for aten ops named `"name"` (every overload) or `"name.overload"`
+    (ops of another namespace: `"namespace::name"`, as `entk_autograd::apply`)."""
 
     def wrap(fn: TranslationFn) -> TranslationFn:
         for name in names:
@@ -80,8 +82,9 @@ def lookup(target: Any) -> TranslationFn | None:
     """The translation for a graph target (an `OpOverload` or Python callable), or None if unsupported."""
     _load_families()
     if hasattr(target, "_opname") and hasattr(target, "namespace"):
-        if target.namespace != "aten":
-            return None
+        if target.namespace != "aten":  # registered as "namespace::name" (entk's own ops)
+            return (_ATEN.get(f"{target.namespace}::{target._opname}.{target._overloadname}")
+                    or _ATEN.get(f"{target.namespace}::{target._opname}"))
         return (_ATEN.get(f"{target._opname}.{target._overloadname}")
                 or _ATEN.get(target._opname))
     try:

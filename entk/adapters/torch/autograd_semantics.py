@@ -15,15 +15,14 @@ differentiated through them (a silently wrong kernel):
   the export it is entered as `no_grad` (the same gradients; inference tensors are a memory
   optimisation). `detach_no_grad_outputs` then puts an `aten.detach` on every value leaving a
   no-grad block, before the decompositions run.
-- custom `torch.autograd.Function`s: the export inlines their `forward` and drops their `backward`.
-  `export_context` notices each `Function.apply` during the export (it wraps
-  `torch.autograd.Function.apply` for the duration; `inference_mode` likewise), and
-  `check_autograd_functions` refuses the program with an error naming the Function class and the
-  submodule that applied it (`AutogradFunctionError`: `from_torch(mode="auto")` then falls back to
-  bridge mode, where torch.func runs the Function's own backward). Old-style Functions
-  (`forward(ctx, ...)`, no `setup_context`) cannot run under torch.func either: they get
-  `OldStyleAutogradFunctionError`, which no mode falls back from (`refuse_old_style_functions`
-  gives bridge mode the same check).
+- custom `torch.autograd.Function`s: the export would inline their `forward` and drop their
+  `backward`. `export_context` wraps `torch.autograd.Function.apply` for the duration, so each
+  application becomes one opaque op whose translation keeps the Function's own backward
+  (`autograd_function.py`; reentrant `torch.utils.checkpoint`, whose gradient is that of the function
+  it wraps, is traced through). Old-style Functions (`forward(ctx, ...)`, no `setup_context`) work
+  there too, but cannot run under torch.func: bridge mode refuses them up front
+  (`refuse_old_style_functions`, `OldStyleAutogradFunctionError`) instead of failing deep inside
+  a JAX callback.
 
 The export runs under `torch.enable_grad()`, so a caller inside `torch.no_grad()` does not turn the
 whole model into one no-grad block.
@@ -35,27 +34,27 @@ import contextlib
 import dataclasses
 import operator
 import sys
+import warnings
 from typing import Any, Iterator
 
 import torch
 
+from entk.adapters.torch import autograd_function
+from entk.adapters.torch.autograd_function import AutogradFunctionError
 from entk.adapters.torch.graph_translation import BRIDGE_HINT, node_location
 
-__all__ = ["AutogradFunctionError", "OldStyleAutogradFunctionError", "FunctionUse",
+__all__ = ["AutogradFunctionError", "OldStyleAutogradFunctionError", "ExportSemanticsWarning", "FunctionUse",
            "export_context", "decomposition_table", "detach_no_grad_outputs",
-           "check_autograd_functions", "refuse_old_style_functions"]
+           "refuse_old_style_functions"]
 
 
-class AutogradFunctionError(RuntimeError):
-    """The model applies a custom `torch.autograd.Function`, whose backward export mode cannot keep.
-
-    Raised as an `ExportError` subclass by `export.py` (so `mode="auto"` falls back to the bridge).
-    """
+class ExportSemanticsWarning(UserWarning):
+    """Something about the model's gradients the user should know, noticed during the export."""
 
 
 class OldStyleAutogradFunctionError(NotImplementedError):
-    """The model applies an old-style `torch.autograd.Function` (no `setup_context`): neither export
-    mode (its backward would be dropped) nor bridge mode (torch.func refuses it) can honour it."""
+    """Bridge mode was asked to run a model that applies an old-style `torch.autograd.Function` (no
+    `setup_context`), which torch.func cannot transform; export mode keeps such Functions."""
 
 
 # ---------------------------------------------------------------- the export context
@@ -79,12 +78,42 @@ class FunctionUse:
 
 
 @contextlib.contextmanager
-def export_context(root: torch.nn.Module) -> Iterator[list[FunctionUse]]:
+def export_context(root: torch.nn.Module, keep: tuple = ()) -> Iterator[None]:
     """The context `torch.export.export` runs in: gradients enabled, `inference_mode` entered as
-    `no_grad`, and every custom `Function.apply` recorded into the yielded list."""
-    uses: list[FunctionUse] = []
-    with torch.enable_grad(), _inference_mode_as_no_grad(), _record_functions(root, uses):
-        yield uses
+    `no_grad`, and every custom `Function.apply` of the model turned into one opaque op
+    (`autograd_function.opaque_apply`; its forward and backward are exported keeping the ATen ops
+    `keep` whole, as the model's)."""
+    function = torch.autograd.Function
+    original = function.__dict__["apply"]
+
+    def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+        if not autograd_function.intercepting():
+            return original.__get__(None, cls)(*args, **kwargs)
+        if cls.__module__ == "torch.utils.checkpoint" and cls.__name__ == "CheckpointFunction":
+            return _reentrant_checkpoint(*args)
+        return autograd_function.opaque_apply(cls, args, kwargs, _call_site(root), root, keep)
+
+    with torch.enable_grad(), _inference_mode_as_no_grad():
+        function.apply = classmethod(apply)
+        try:
+            yield
+        finally:
+            function.apply = original
+
+
+def _reentrant_checkpoint(run_function: Any, preserve_rng_state: bool, *inputs: Any) -> Any:
+    """`torch.utils.checkpoint(..., use_reentrant=True)` as PyTorch differentiates it: the function
+    itself, except that when none of its tensor inputs requires grad, the parameters inside get no
+    gradient (PyTorch warns "None of the inputs have requires_grad=True"), so its outputs are
+    detached."""
+    out = run_function(*inputs)
+    if any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
+        return out
+    warnings.warn("A reentrant torch.utils.checkpoint (use_reentrant=True) has no input that requires "
+                  "grad, so PyTorch gives the parameters inside it no gradient, and entk's kernel "
+                  "leaves them out as well; pass use_reentrant=False to differentiate them.",
+                  ExportSemanticsWarning, stacklevel=2)
+    return torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, out)
 
 
 @contextlib.contextmanager
@@ -151,39 +180,25 @@ def refuse_old_style_functions(module: torch.nn.Module, args: tuple) -> None:
     finally:
         for m, flag in flags:
             m.training = flag
-    old = [use for use in uses if use.old_style]
-    if old:
-        check_autograd_functions(old, type(module).__name__)
-
-
-def check_autograd_functions(uses: list[FunctionUse], module_name: str) -> None:
-    """Refuses a program whose export applied custom autograd Functions (see the module doc)."""
-    if not uses:
-        return
     by_class: dict[type, list[FunctionUse]] = {}
     for use in uses:
-        by_class.setdefault(use.function, []).append(use)
+        if use.old_style:
+            by_class.setdefault(use.function, []).append(use)
+    if not by_class:
+        return
     lines = []
-    for cls, found in by_class.items():
+    for found in by_class.values():
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
         lines.append(f"  {found[0].qualified_name}: in {found[0].where}{more}")
-    listing = "\n".join(lines)
-    old = [found[0] for found in by_class.values() if found[0].old_style]
-    if old:
-        names = ", ".join(use.qualified_name for use in old)
-        raise OldStyleAutogradFunctionError(
-            f"{module_name} applies old-style custom torch.autograd.Function(s) ({names}: "
-            f"`forward(ctx, ...)` without a `setup_context` staticmethod):\n{listing}\nExport mode "
-            f"would drop their backward, and bridge mode (torch.func) cannot run old-style "
-            f"Functions. Rewrite them with `forward(*inputs)` plus `setup_context(ctx, inputs, "
-            f"output)` (and `generate_vmap_rule = True`), then use mode='bridge' or mode='auto'."
-            + (" For torch.utils.checkpoint, pass use_reentrant=False (its non-reentrant form "
-               "exports as plain ops)." if any("Checkpoint" in use.qualified_name for use in old)
-               else ""))
-    raise AutogradFunctionError(
-        f"{module_name} applies custom torch.autograd.Function(s) whose backward export mode "
-        f"cannot translate (the export keeps only their forward):\n{listing}\nTo use this model, "
-        f"{BRIDGE_HINT}; it runs the Functions' own backward.")
+    names = ", ".join(found[0].qualified_name for found in by_class.values())
+    raise OldStyleAutogradFunctionError(
+        f"{type(module).__name__} applies old-style custom torch.autograd.Function(s) ({names}: "
+        f"`forward(ctx, ...)` without a `setup_context` staticmethod):\n" + "\n".join(lines) +
+        "\nBridge mode (torch.func) cannot run old-style Functions. Use mode='export' (or "
+        "mode='auto'), which keeps their backward, or rewrite them with `forward(*inputs)` plus "
+        "`setup_context(ctx, inputs, output)` (and `generate_vmap_rule = True`)."
+        + (" For torch.utils.checkpoint, pass use_reentrant=False (its non-reentrant form exports "
+           "as plain ops)." if any("Checkpoint" in n for n in names.split(", ")) else ""))
 
 
 # ---------------------------------------------------------------- the graph

@@ -15,9 +15,9 @@ The graph's placeholders are mapped to the `entk.Model` pieces:
   exactly as given in `example_input`, in PyTorch's layout (NCHW).
 
 PyTorch's autograd semantics are kept (`autograd_semantics.py`): `detach()` and the outputs of
-`torch.no_grad()` / `torch.inference_mode()` blocks become `jax.lax.stop_gradient`, and a module that
-applies a custom `torch.autograd.Function` is refused (`AutogradFunctionError`), since the export
-keeps only the Function's forward.
+`torch.no_grad()` / `torch.inference_mode()` blocks become `jax.lax.stop_gradient`, and a custom
+`torch.autograd.Function` becomes a `jax.custom_jvp` built from its own forward and backward
+(`autograd_function.py`; the few forms it cannot keep raise `AutogradFunctionError`).
 
 The module is exported in eval mode unless asked otherwise, with the batch axis marked dynamic
 (`torch.export.Dim.AUTO`) so that one export serves every batch size ≥ 2; inputs whose shapes the
@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import torch
 from torch.utils import _pytree as torch_pytree
 
-from entk.adapters.torch import aten, autograd_semantics
+from entk.adapters.torch import aten, autograd_function, autograd_semantics
 from entk.adapters.torch.graph_translation import (  # noqa: F401 - the errors are re-exported here
     BRIDGE_HINT, GraphTranslation, TranslationError, UnsupportedOpsError, numpy_dtype, tensor_to_jax)
 
@@ -58,8 +58,8 @@ class InputDtypeError(ExportError, TypeError):
 
 
 class AutogradFunctionError(ExportError, autograd_semantics.AutogradFunctionError):
-    """The model applies a custom `torch.autograd.Function` (or a grad-mode construct) whose
-    gradient export mode cannot keep; bridge mode runs it in PyTorch."""
+    """The model applies a custom `torch.autograd.Function` in a form export mode cannot keep (or a
+    grad-mode construct it cannot express); bridge mode runs it in PyTorch."""
 
 
 OldStyleAutogradFunctionError = autograd_semantics.OldStyleAutogradFunctionError
@@ -173,6 +173,20 @@ _KEEP = (torch.ops.aten.scaled_dot_product_attention.default,
          torch.ops.aten.linalg_vector_norm.default)
 
 
+@contextlib.contextmanager
+def _only_entk_warnings() -> Iterator[None]:
+    """Hides torch.export's advisory warnings (not the user's concern) and shows, once each, those
+    entk's export context raises about the model (`autograd_semantics.ExportSemanticsWarning`)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    shown = set()
+    for w in caught:
+        if issubclass(w.category, autograd_semantics.ExportSemanticsWarning) and str(w.message) not in shown:
+            shown.add(str(w.message))
+            warnings.warn(w.message, stacklevel=4)
+
+
 def export_module(module: torch.nn.Module, args: tuple, kwargs: dict, *, training: bool,
                   batch_axis: int | None) -> torch.export.ExportedProgram:
     """`torch.export.export` + `run_decompositions()` (core ATen), in the requested mode.
@@ -183,32 +197,39 @@ def export_module(module: torch.nn.Module, args: tuple, kwargs: dict, *, trainin
     dynamic = _dynamic_shapes(module, args, kwargs, batch_axis)
     attempts = [dynamic, None] if dynamic is not None else [None]
     error: Exception | None = None
-    with module_mode(module, training), warnings.catch_warnings(), _quiet_torch_logs():
-        warnings.simplefilter("ignore")  # torch.export's advisory warnings are not the user's concern
+    with module_mode(module, training), _only_entk_warnings(), _quiet_torch_logs():
         for shapes in attempts:
             try:
-                with autograd_semantics.export_context(module) as functions:
+                with autograd_semantics.export_context(module, _KEEP):
                     program = torch.export.export(module, args, kwargs, dynamic_shapes=shapes,
                                                   strict=False)
+            except autograd_semantics.AutogradFunctionError as e:
+                raise AutogradFunctionError(str(e)) from None
             except Exception as e:  # noqa: BLE001 - every export failure is reported below
                 error = error or e
                 continue
-            _check_autograd(functions, program, type(module).__name__)
+            _check_autograd(program)
             try:
-                return program.run_decompositions(_decomposition_table())
+                program = program.run_decompositions(_decomposition_table())
             except Exception as e:  # noqa: BLE001 - every export failure is reported below
                 error = error or e
+                continue
+            _check_autograd(program, functions=True)
+            return program
     message = _describe_export_failure(module, args, kwargs, error)
     kind = InputDtypeError if message.startswith("example_input holds") else ExportError
     raise kind(message) from error
 
 
-def _check_autograd(functions: list, program: torch.export.ExportedProgram, name: str) -> None:
-    """Refuses custom autograd Functions; detaches the outputs of no-grad blocks and what
-    `t.detach_()` detached (see `autograd_semantics.py`)."""
+def _check_autograd(program: torch.export.ExportedProgram, functions: bool = False) -> None:
+    """Detaches the outputs of no-grad blocks and what `t.detach_()` detached (on the exported
+    program), or (`functions=True`, on the decomposed one) exports the forward and backward of its
+    custom autograd Functions (see `autograd_semantics.py`, `autograd_function.py`)."""
     try:
-        autograd_semantics.check_autograd_functions(functions, name)
-        autograd_semantics.detach_no_grad_outputs(program)
+        if functions:
+            autograd_function.prepare_program(program)
+        else:
+            autograd_semantics.detach_no_grad_outputs(program)
     except autograd_semantics.AutogradFunctionError as e:
         raise AutogradFunctionError(str(e)) from None
 

@@ -3,14 +3,14 @@
 Structured derivatives reason about individual equations of `f`, so `f` is traced to a jaxpr whose first
 inputs are the parameter leaves, followed by the array leaves of `x` and of the keyword arguments (static
 keyword values, such as a `train=False` flag, are closed over). Then call-like equations through which a
-parameter flows are inlined (`jit`, `closed_call`, `remat`, `custom_jvp_call`, `custom_vjp_call`), a `scan`
+parameter flows are inlined (`jit`, `closed_call`, `remat`), a `scan`
 that consumes a parameter is unrolled (up to `SCAN_UNROLL_LIMIT` iterations), a `cond` whose branch index
 is known at trace time is replaced by its branch, and small integer computations on constants (loop
 counters, index arithmetic) are folded, so that a `dynamic_slice` of a parameter at a known position is
-recognised as a static view. Equations without parameters flowing in are kept as they are, so custom
-differentiation rules there still shape the cotangents; a `custom_jvp` / `custom_vjp` function that
-receives a parameter directly is inlined, so that parameter's derivative comes from its primal (the same
-as the custom rule wherever that rule is the true derivative).
+recognised as a static view. `custom_jvp` / `custom_vjp` functions are never inlined: their custom rule
+is the derivative (a straight-through estimator's is not that of its primal, and torch's custom autograd
+Functions arrive as `custom_jvp`), so one that receives a parameter is differentiated as one equation by
+its own rule (`rules.base.CUSTOM_RULE`), and elsewhere the rule shapes the cotangents.
 
 With `vmap_axes`, the jaxpr is that of one example (batch axis of size one inside the model, removed from
 the outputs); callers `jax.vmap` over the examples.
@@ -44,8 +44,6 @@ _CALLS = {
     "jit": ("jaxpr", True), "pjit": ("jaxpr", True), "closed_call": ("call_jaxpr", True),
     "core_call": ("call_jaxpr", False), "call": ("call_jaxpr", False),
     "remat2": ("jaxpr", False), "checkpoint": ("jaxpr", False),
-    "custom_jvp_call": ("call_jaxpr", True), "custom_vjp_call": ("call_jaxpr", True),
-    "custom_vjp_call_jaxpr": ("fun_jaxpr", True),
 }
 
 

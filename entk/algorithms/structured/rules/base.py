@@ -169,6 +169,13 @@ class GenericRule:
         return []
 
 
+# A `custom_jvp` / `custom_vjp` function of a parameter: differentiated by its own rule (the generic
+# Jacobian, through JAX's VJP of the call), without the generic rule's warning: the custom rule is the
+# derivative the model asks for (see `graph.py`).
+CUSTOM_RULE = register("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", fallback=True)(
+    GenericRule("custom rule", warns=False))
+
+
 class IdentityRule:
     """A model output that is itself a parameter view: `J = C`."""
 
