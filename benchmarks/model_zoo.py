@@ -559,8 +559,6 @@ def parent(args: argparse.Namespace) -> None:
 
 # What the sweep found out about a model's failure, shown next to it in zoo.md.
 NOTES = {
-    "hf/bloom": "transformers' `BloomGelu` applies an old-style `autograd.Function` (`GeLUFunction`): "
-                "export would drop its backward and torch.func cannot run it, so both modes refuse it",
 }
 
 

@@ -37,9 +37,10 @@ class Head(nn.Module):
         return y[:, :3] + y.mean(1, keepdim=True)
 
 
-def _check(module: nn.Module, x: torch.Tensor, tol: float = 1e-10) -> None:
+def _check(module: nn.Module, x: torch.Tensor, tol: float = 1e-10, eager: bool = False) -> None:
     """Exports `module` (no fall-back), then outputs and the eNTK against torch in float64, within
-    `tol` relative to the largest entry."""
+    `tol` relative to the largest entry (`eager`: the reference from eager torch.autograd, for
+    models torch.func cannot transform)."""
     module = module.double().eval()
     if x.is_floating_point():
         x = x.double()
@@ -54,7 +55,7 @@ def _check(module: nn.Module, x: torch.Tensor, tol: float = 1e-10) -> None:
     kernel_fn = entk.empirical_ntk_fn(model, implementation="jc")
     out, kernel = jax.jit(lambda p, a: (model.apply(p, a), kernel_fn(a, None, p)))(model.params, xj)
     np.testing.assert_allclose(np.asarray(out), expected, rtol=0, atol=tol * np.max(np.abs(expected)))
-    reference = torch_func_ntk(module, x, None)
+    reference = torch_func_ntk(module, x, None, eager=eager)
     assert kernel.shape == reference.shape == (x.shape[0], x.shape[0])
     np.testing.assert_allclose(np.asarray(kernel), reference, rtol=0,
                                atol=tol * np.max(np.abs(reference)))
@@ -68,6 +69,14 @@ def _hf(model_cls: str, config_cls: str, **config):
 
 TEXT = dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
             intermediate_size=24, max_position_embeddings=32)
+
+
+def test_hf_bloom_old_style_autograd_function():
+    """Bloom's GeLU is an old-style custom `autograd.Function` (`GeLUFunction`, a hand-written
+    tanh-GeLU derivative): exported with its own backward (torch.func cannot run it at all)."""
+    bloom = _hf("BloomModel", "BloomConfig", vocab_size=50, hidden_size=16, n_layer=1, n_head=2)
+    tokens = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(1))
+    _check(Head(bloom, lambda m, v: m(input_ids=v).last_hidden_state), tokens, eager=True)
 
 
 def test_hf_llama_decoder():

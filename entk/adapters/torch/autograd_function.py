@@ -297,9 +297,29 @@ def _refuse_captured_state(call: FunctionCall, program: torch.export.ExportedPro
             f"them to {call.function.__qualname__}.apply(...), or {BRIDGE_HINT}.{hint}")
 
 
+_SHARED: dict[tuple, _Rules] = {}  # rules of calls that differ only in their tensors' values
+
+
+def _plain(value: Any) -> bool:
+    if value is _TENSOR or value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+        return True
+    if isinstance(value, (tuple, list)):
+        return all(map(_plain, value))
+    return False
+
+
 def _rules(call: FunctionCall, signature: tuple) -> _Rules:
+    """The translated forward and backward of `call` for inputs of `signature`: exported on first
+    sight, and shared by every call of the same Function with the same non-tensor arguments (a
+    Function applied in each of 24 layers is exported once)."""
     if signature in call.rules:
         return call.rules[signature]
+    shared = None
+    if _plain(call.template) and _plain(list(call.kwargs.values())):
+        shared = (call.function, repr(call.template), repr(sorted(call.kwargs.items())), signature)
+        if shared in _SHARED:
+            call.rules[signature] = _SHARED[shared]
+            return _SHARED[shared]
     examples = [_example(shape, dtype) for shape, dtype in signature]
     forward = _export(call, _Forward(call), examples, "forward")
     outs, ctx = call.forward(examples)
@@ -310,6 +330,8 @@ def _rules(call: FunctionCall, signature: tuple) -> _Rules:
                       for o in outs]
     rules = _Rules(forward, backward, differentiable)
     call.rules[signature] = rules
+    if shared is not None:
+        _SHARED[shared] = rules
     return rules
 
 
