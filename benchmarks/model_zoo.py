@@ -35,6 +35,7 @@ interrupted and rerun.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -43,7 +44,7 @@ import subprocess
 import sys
 import time
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 N = 2            # batch
@@ -71,8 +72,10 @@ def _torchvision_specs() -> dict[str, dict]:
     for name in tvm.list_models(module=tvm.segmentation):
         specs[f"tv-seg/{name}"] = {"family": "segmentation", "build": ("torchvision", name),
                                    "kwargs": {"weights_backbone": None, "aux_loss": False}}
-    video = {  # (frames, size) that these builders fix (positional embeddings, final pooling)
-        "mvit_v1_b": {"frames": 16, "size": 224}, "mvit_v2_s": {"frames": 16, "size": 224},
+    video = {  # (frames, size) that these builders fix (positional embeddings, final pooling);
+        # MViT's builders fix 16 x 224 x 224, which `_build` overrides (see `_mvit_size`)
+        "mvit_v1_b": {"frames": 4, "size": 64, "mvit": True},
+        "mvit_v2_s": {"frames": 4, "size": 64, "mvit": True},
         "s3d": {"frames": 16, "size": 224}}
     for name in tvm.list_models(module=tvm.video):
         specs[f"tv-video/{name}"] = {"family": "video", "build": ("torchvision", name),
@@ -262,7 +265,8 @@ def _build(spec: dict) -> tuple[Any, Any]:
     else:
         import torchvision.models as tvm
 
-        module = tvm.get_model(arch, weights=None, **spec.get("kwargs", {}))
+        with _mvit_size(spec):
+            module = tvm.get_model(arch, weights=None, **spec.get("kwargs", {}))
     sizes = [spec["size"]] if "size" in spec else [32, 64, 96, 128, 224]
     module.eval()
     for size in sizes:  # the smallest input the model accepts
@@ -277,6 +281,29 @@ def _build(spec: dict) -> tuple[Any, Any]:
             continue
         return _head(module, lambda m, v: m(v)), x
     raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _mvit_size(spec: dict) -> Iterator[None]:
+    """For MViT specs: torchvision's `mvit_v1_b` / `mvit_v2_s` hard-code a 16 x 224 x 224 clip (too
+    large for a 2-core sweep); their shared `_mvit` takes the size, so it is set there (the same
+    architecture, positional embeddings sized for `frames` x `size` x `size`)."""
+    if not spec.get("mvit"):
+        yield
+        return
+    import torchvision.models.video.mvit as mvit
+
+    original = mvit._mvit
+
+    def sized(*args: Any, **kwargs: Any) -> Any:
+        kwargs.update(spatial_size=(spec["size"], spec["size"]), temporal_size=spec["frames"])
+        return original(*args, **kwargs)
+
+    mvit._mvit = sized
+    try:
+        yield
+    finally:
+        mvit._mvit = original
 
 
 def _build_hf(arch: str) -> tuple[Any, Any]:
@@ -331,14 +358,14 @@ def _rel(a: Any, b: Any) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
-def _compiled(fn: Callable, params: Any, x: Any) -> Any:
-    """`jit(fn)(params, x)` compiled at XLA's lowest backend optimization level: on a CPU shared by
+def _compiled(fn: Callable, *args: Any) -> Any:
+    """`jit(fn)(*args)` compiled at XLA's lowest backend optimization level: on a CPU shared by
     many jobs, compiling the larger graphs (not running them) is what takes the time."""
     import jax
 
-    compiled = jax.jit(fn).lower(params, x).compile(
+    compiled = jax.jit(fn).lower(*args).compile(
         compiler_options={"xla_backend_optimization_level": 0})
-    return jax.block_until_ready(compiled(params, x))
+    return jax.block_until_ready(compiled(*args))
 
 
 def measure(name: str, spec: dict, stage: str, max_trainable: int, implementation: str) -> dict:
@@ -372,7 +399,7 @@ def measure(name: str, spec: dict, stage: str, max_trainable: int, implementatio
     if entry["mode"] != "export":
         return entry
     t = time.perf_counter()
-    out = _compiled(model.apply, model.params, xj)
+    out = _compiled(model.apply_with_state, model.params, model.state, xj)
     entry["first_call_s"] = round(time.perf_counter() - t, 2)
     entry["out_err"] = _rel(out, reference)
     entry["out_max"] = float(np.max(np.abs(reference)))  # an all-zero output would prove nothing
@@ -415,8 +442,15 @@ def _kernels(module: Any, x: Any, xj: Any, implementation: str, entry: dict) -> 
             continue
         impl = implementation if mode == "export" else "jc"
         t = time.perf_counter()
-        kernel_fn = entk.empirical_ntk_fn(converted, implementation=impl, vmap_axes=None)
-        kernels[mode] = np.asarray(_compiled(lambda p, a: kernel_fn(a, None, p), converted.params, xj))
+
+        def kernel(p: Any, state: Any, a: Any, converted: Any = converted, impl: str = impl) -> Any:
+            # the state (frozen weights, buffers) as an argument, not constants baked into the
+            # program: XLA's compile of a VGG's ~500 MB of constants needs many GB
+            fn = entk.empirical_ntk_fn(converted.replace(state=state), implementation=impl,
+                                       vmap_axes=None)
+            return fn(a, None, p)
+
+        kernels[mode] = np.asarray(_compiled(kernel, converted.params, converted.state, xj))
         entry[f"ntk_{mode}_s"] = round(time.perf_counter() - t, 2)
     return kernels
 

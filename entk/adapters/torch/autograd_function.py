@@ -113,7 +113,8 @@ class FunctionCall:
         return outs, ctx
 
     def backward(self, ctx: _Context, outs: tuple, grads: Sequence[Any]) -> list:
-        """The Function's backward for the tensor inputs (zeros where it returns None)."""
+        """The Function's backward: one gradient (or None) per tensor input of `forward`, given
+        `grads` for its outputs (None for an output without one: zeros where it is a float)."""
         grad_outputs = [torch.zeros_like(o) if g is None and o.is_floating_point() else g
                         for o, g in zip(outs, grads)]
         result = self.function.backward(ctx, *grad_outputs)
