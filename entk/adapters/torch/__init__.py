@@ -151,7 +151,10 @@ class _Converted:
     """
 
     def __init__(self, exported: Any, model: Model, guard: tuple[tuple, list], tensors: list):
-        self.exported, self.model, self.guard, self.tensors = exported, model, guard, tensors
+        # Only the model's function and info are kept: its values are read from `tensors` at every
+        # `current()`, and holding the conversion's copies would double a large model's memory.
+        self.model = model.replace(params={}, state={})
+        self.exported, self.guard, self.tensors = exported, guard, tensors
         self.groups = ("buffers", "frozen") + (() if exported is None else ("constants",))
 
     def current(self, copy: bool) -> Model:
@@ -430,7 +433,7 @@ def _export_model(module: Any, example_input: Any, include_frozen: bool, trainin
                                      batch_axis=batch_axis, trainable=trainable)
     stub = Model(exported.apply_with_state, {}, None, info={"mode": "export"})
     values = _Converted(exported, stub, ((), []), _tensor_slots(module, exported, stub, include_frozen))
-    tensors = values.current(copy=True)
+    tensors = values.current(copy=False)  # the cached template drops them; from_torch copies
     has_batch_norm = any(isinstance(m, torch_batch_norm_types()) for m in module.modules())
     info = {
         "mode": "export",
