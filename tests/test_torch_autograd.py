@@ -402,3 +402,36 @@ def test_reentrant_checkpoint_exports_with_pytorchs_gradients():
     for implementation in ("jc", "sd"):
         kernel = np.asarray(entk.ntk(model, x, implementation=implementation))
         assert np.abs(kernel - reference).max() <= TOL * np.abs(reference).max()
+
+
+class OldStyleClosureScale(torch.autograd.Function):
+    owner = None
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * OldStyleClosureScale.owner.scale
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * OldStyleClosureScale.owner.scale
+
+
+class OldStyleClosureNet(ClosureNet):
+    def __init__(self):
+        super().__init__()
+        OldStyleClosureScale.owner = self
+
+    def forward(self, x):
+        return self.b(OldStyleClosureScale.apply(torch.tanh(self.a(x))))
+
+
+def test_auto_mode_names_both_failures_when_neither_mode_can_run_the_model():
+    """An old-style Function export mode cannot keep: auto's bridge cannot run it either, and the
+    error says why each mode failed (not just "use export mode")."""
+    module, x = _build(OldStyleClosureNet)
+    with pytest.raises(torch_export.OldStyleAutogradFunctionError) as info:
+        from_torch(module, x, mode="auto")
+    message = str(info.value)
+    assert message.startswith("export mode failed") and "not among its inputs" in message
+    assert "bridge mode cannot run this model either" in message
+    assert "test_torch_autograd.OldStyleClosureScale" in message

@@ -382,10 +382,17 @@ def _convert(module: Any, example_input: Any, mode: str, include_frozen: bool, t
             if mode == "export" or isinstance(e, export.InputDtypeError):
                 raise
             reason = str(e).split("\nTo use this model")[0]
+            try:
+                bridged = _bridge_model(module, example_input, include_frozen, training)
+            except export.OldStyleAutogradFunctionError as refused:  # neither mode can run it
+                raise export.OldStyleAutogradFunctionError(
+                    f"export mode failed ({_fallback_headline(e)}), and bridge mode cannot run this "
+                    f"model either: {refused}\nExport failure: {reason}") from e
             warnings.warn(f"entk.from_torch: {_fallback_headline(e)}; using bridge mode "
                           f"(torch.func callbacks; strategies 'jc' and 'ntvp' only).\n"
                           f"Details: {reason}",
                           ExportFallbackWarning, stacklevel=3)
+            return None, bridged
     return None, _bridge_model(module, example_input, include_frozen, training)
 
 
