@@ -252,11 +252,9 @@ def parent(args: argparse.Namespace) -> None:
     specs = all_specs()
     names = [n for n in specs if re.search(args.only, n)] if args.only else list(specs)
     results = load(args.out)
-    if args.redo:
-        for n in names:
-            results.pop(n, None)
-        save(args.out, results)
-    todo = [n for n in names if not _done(results.get(n), args.stage)]
+    # --redo runs the selected models again; their earlier results stay until each is replaced, so
+    # an interrupted redo loses nothing
+    todo = [n for n in names if args.redo or not _done(results.get(n), args.stage)]
     print(f"{len(todo)} of {len(names)} models to run (stage {args.stage})", flush=True)
     while todo:
         cmd = [sys.executable, "-m", "benchmarks.model_zoo", "--worker", "--stage", args.stage,
@@ -408,7 +406,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=("export", "ntk"), default="export")
     p.add_argument("--only", default="", help="regex on model names (tv/..., timm/..., hf/...)")
-    p.add_argument("--redo", action="store_true", help="forget earlier results of the selected models")
+    p.add_argument("--redo", action="store_true",
+                   help="run the selected models again (each earlier result is kept until replaced)")
     p.add_argument("--out", default=os.path.join(RESULTS, "zoo.json"))
     p.add_argument("--timeout", type=float, default=300, help="seconds per model")
     p.add_argument("--max-trainable", type=int, default=5_000_000)
