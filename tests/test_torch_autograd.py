@@ -242,6 +242,22 @@ class QuantLinearNew(torch.autograd.Function):
         return 0.5 * g @ w, g.t() @ x, None
 
 
+class CubeOnce(torch.autograd.Function):
+    """A `@once_differentiable` backward, and another Function applied inside the forward (where
+    autograd does not record it: only this Function's backward counts)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x ** 3 + RoundSTE.apply(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x ** 2 * g + 0.25 * g
+
+
 class QuantLinearNet(_TwoLayer):
     def __init__(self, function):
         super().__init__()
@@ -257,8 +273,9 @@ class QuantLinearNet(_TwoLayer):
 
 @pytest.mark.parametrize("make", [lambda: QuantNet(RoundSTE), lambda: QuantNet(OldStyleRoundSTE),
                                   lambda: QuantLinearNet(QuantLinear),
-                                  lambda: QuantLinearNet(QuantLinearNew)],
-                         ids=["ste", "ste-old-style", "quant-linear-old-style", "quant-linear"])
+                                  lambda: QuantLinearNet(QuantLinearNew), lambda: QuantNet(CubeOnce)],
+                         ids=["ste", "ste-old-style", "quant-linear-old-style", "quant-linear",
+                              "once-differentiable-nested"])
 def test_custom_function_keeps_its_backward_in_export_mode(make):
     """Every strategy, the default mode included (no fall-back), against eager torch.autograd; and a
     batch size the conversion did not see (its forward and backward are exported again)."""
