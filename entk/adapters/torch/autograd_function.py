@@ -29,6 +29,7 @@ the translation; `torch.utils.checkpoint`'s reentrant form is such a case).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -41,7 +42,8 @@ from entk.adapters.torch import aten
 from entk.adapters.torch.graph_translation import (BRIDGE_HINT, GraphTranslation, numpy_dtype,
                                                    tensor_to_jax)
 
-__all__ = ["FunctionCall", "AutogradFunctionError", "intercepting", "opaque_apply", "prepare_program"]
+__all__ = ["FunctionCall", "AutogradFunctionError", "intercepting", "is_old_style", "opaque_apply",
+           "prepare_program", "qualified_name"]
 
 
 class AutogradFunctionError(RuntimeError):
@@ -50,6 +52,16 @@ class AutogradFunctionError(RuntimeError):
 
 
 _TENSOR = object()  # marks a tensor argument's place in FunctionCall.template
+
+
+def qualified_name(function: type) -> str:
+    """`module.Class` of a Function, as messages name it."""
+    return f"{function.__module__}.{function.__qualname__}"
+
+
+def is_old_style(function: type) -> bool:
+    """No `setup_context` override: `forward(ctx, ...)`, which torch.func cannot transform."""
+    return function.setup_context is torch.autograd.Function.setup_context
 
 
 @dataclasses.dataclass(eq=False)
@@ -78,11 +90,11 @@ class FunctionCall:
 
     @property
     def name(self) -> str:
-        return f"{self.function.__module__}.{self.function.__qualname__}"
+        return qualified_name(self.function)
 
     @property
     def old_style(self) -> bool:
-        return self.function.setup_context is torch.autograd.Function.setup_context
+        return is_old_style(self.function)
 
     def arguments(self, tensors: Sequence[torch.Tensor]) -> list:
         it = iter(tensors)
@@ -187,7 +199,7 @@ def opaque_apply(function: type, args: tuple, kwargs: dict, where: str, root: to
     """`function.apply(*args, **kwargs)` as one `entk_autograd.apply` op (used during the export)."""
     if any(isinstance(v, torch.Tensor) for v in kwargs.values()):
         raise AutogradFunctionError(
-            f"{function.__module__}.{function.__qualname__} (in {where}) is applied with tensor "
+            f"{qualified_name(function)} (in {where}) is applied with tensor "
             f"keyword arguments, which export mode cannot keep; pass them positionally, or "
             f"{BRIDGE_HINT}.")
     template = tuple(_TENSOR if isinstance(a, torch.Tensor) else a for a in args)
@@ -336,12 +348,19 @@ def _rules(call: FunctionCall, signature: tuple) -> _Rules:
     return rules
 
 
+@functools.cache
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    """The torch dtype of a NumPy / JAX dtype (the inverse of `numpy_dtype`)."""
+    for t in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.int16,
+              torch.int32, torch.int64, torch.uint8, torch.bool):
+        if numpy_dtype(t) == dtype:
+            return t
+    raise TypeError(f"no torch dtype for {dtype}")
+
+
 def _signature(values: Sequence[Any]) -> tuple:
     """(shape, torch dtype) per JAX input."""
-    by_numpy = {numpy_dtype(t): t for t in (torch.float16, torch.bfloat16, torch.float32, torch.float64,
-                                             torch.int8, torch.int16, torch.int32, torch.int64,
-                                             torch.uint8, torch.bool)}
-    return tuple((tuple(int(d) for d in v.shape), by_numpy[np.dtype(v.dtype)]) for v in values)
+    return tuple((tuple(int(d) for d in v.shape), _torch_dtype(np.dtype(v.dtype))) for v in values)
 
 
 def _is_float(x: Any) -> bool:
@@ -388,7 +407,7 @@ def prepare_program(program: torch.export.ExportedProgram) -> None:
     it was exported with, so that a Function export mode cannot handle fails at conversion (where
     `mode="auto"` falls back to the bridge), not at the first kernel."""
     for node in program.graph_module.graph.nodes:
-        if node.op == "call_function" and aten.op_name(node.target) == "entk_autograd.apply.default":
+        if node.op == "call_function" and node.target is torch.ops.entk_autograd.apply.default:
             key, args = node.args
             signature = tuple((tuple(d if isinstance(d, int) else d.node.hint for d in a.meta["val"].shape),
                                a.meta["val"].dtype) for a in args)

@@ -69,12 +69,11 @@ class FunctionUse:
 
     @property
     def qualified_name(self) -> str:
-        return f"{self.function.__module__}.{self.function.__qualname__}"
+        return autograd_function.qualified_name(self.function)
 
     @property
     def old_style(self) -> bool:
-        """No `setup_context` override: `forward(ctx, ...)`, which torch.func cannot transform."""
-        return self.function.setup_context is torch.autograd.Function.setup_context
+        return autograd_function.is_old_style(self.function)
 
 
 @contextlib.contextmanager

@@ -203,33 +203,32 @@ def export_module(module: torch.nn.Module, args: tuple, kwargs: dict, *, trainin
                 with autograd_semantics.export_context(module, _KEEP):
                     program = torch.export.export(module, args, kwargs, dynamic_shapes=shapes,
                                                   strict=False)
-            except autograd_semantics.AutogradFunctionError as e:
+            except autograd_semantics.AutogradFunctionError as e:  # raised by opaque_apply
                 raise AutogradFunctionError(str(e)) from None
             except Exception as e:  # noqa: BLE001 - every export failure is reported below
                 error = error or e
                 continue
-            _check_autograd(program)
+            with _autograd_errors_as_export_errors():
+                autograd_semantics.detach_no_grad_outputs(program)
             try:
                 program = program.run_decompositions(_decomposition_table())
             except Exception as e:  # noqa: BLE001 - every export failure is reported below
                 error = error or e
                 continue
-            _check_autograd(program, functions=True)
+            with _autograd_errors_as_export_errors():
+                autograd_function.prepare_program(program)
             return program
     message = _describe_export_failure(module, args, kwargs, error)
     kind = InputDtypeError if message.startswith("example_input holds") else ExportError
     raise kind(message) from error
 
 
-def _check_autograd(program: torch.export.ExportedProgram, functions: bool = False) -> None:
-    """Detaches the outputs of no-grad blocks and what `t.detach_()` detached (on the exported
-    program), or (`functions=True`, on the decomposed one) exports the forward and backward of its
-    custom autograd Functions (see `autograd_semantics.py`, `autograd_function.py`)."""
+@contextlib.contextmanager
+def _autograd_errors_as_export_errors() -> Iterator[None]:
+    """Raises what detaching no-grad blocks (`autograd_semantics.py`) or exporting custom Functions
+    (`autograd_function.py`) refuses as an `ExportError`, so `mode="auto"` falls back to the bridge."""
     try:
-        if functions:
-            autograd_function.prepare_program(program)
-        else:
-            autograd_semantics.detach_no_grad_outputs(program)
+        yield
     except autograd_semantics.AutogradFunctionError as e:
         raise AutogradFunctionError(str(e)) from None
 
