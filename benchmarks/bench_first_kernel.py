@@ -12,8 +12,10 @@ nothing is warm except the operating system's file cache:
 - entk: `entk.ntk(module, x)` with its defaults (trace_axes=(-1,), vmap_axes="auto",
   implementation="auto"). The first call includes torch.export, translation to JAX, tracing, "auto"'s
   decision (including the cost model's one-off calibration when its cache is empty) and XLA
-  compilation. entk's persistent compilation cache lives in `$ENTK_CACHE_DIR/xla`: entk runs twice,
-  in two processes sharing one fresh temporary ENTK_CACHE_DIR, first with that cache cold, then warm.
+  compilation. entk's persistent caches (compiled programs in `$ENTK_CACHE_DIR/xla`, exported torch
+  programs in `$ENTK_CACHE_DIR/torch-programs`, auto's decisions, the calibration) live in
+  ENTK_CACHE_DIR: entk runs twice, in two processes sharing one fresh temporary ENTK_CACHE_DIR, first
+  with those caches cold, then warm.
 
 Per process: the wall time of the first call (model and inputs already built, imports done), of a
 second call on new inputs of the same shape (steady state), and the process's peak RSS
@@ -125,9 +127,10 @@ def _install_entk_probes() -> tuple[dict, dict]:
 
     import entk.adapters
     import entk.algorithms.cost as cost
+    from entk.adapters.torch import export
 
     phases: dict[str, Any] = {"convert_s": 0.0, "auto_select_s": 0.0, "calibrate_s": 0.0,
-                              "chosen": []}
+                              "export_s": 0.0, "chosen": [], "program_cache": []}
     jax_events: dict[str, float] = {}
 
     def wrap(owner: Any, name: str, key: str) -> None:
@@ -141,6 +144,8 @@ def _install_entk_probes() -> tuple[dict, dict]:
                 phases[key] += time.perf_counter() - start
             if key == "auto_select_s":
                 phases["chosen"].append(str(getattr(out, "short_name", out)))
+            if key == "export_s":  # (program, what the disk cache did)
+                phases["program_cache"].append(out[1])
             return out
 
         setattr(owner, name, timed)
@@ -148,6 +153,7 @@ def _install_entk_probes() -> tuple[dict, dict]:
     wrap(entk.adapters, "to_model", "convert_s")
     wrap(cost, "select", "auto_select_s")
     wrap(cost, "_measure", "calibrate_s")  # the cost model's micro-benchmark (cold cache only)
+    wrap(export, "_cached_export", "export_s")  # torch.export, or a stored program read and checked
 
     def on_duration(event: str, secs: float, **_: Any) -> None:
         jax_events[event] = jax_events.get(event, 0.0) + secs
@@ -331,7 +337,8 @@ def markdown(results: list[dict], command: str, repeats: int) -> str:
         "`entk.ntk(module, x)` with its defaults = torch.export + translation + tracing + auto's "
         "decision + XLA compile + run; torch.func: vmap(jacrev) per-example Jacobians for x1 and "
         "x2 = x, einsum 'Naf,Maf->NM', / O). second: a second call on new inputs of the same shape. "
-        "entk cold: fresh empty ENTK_CACHE_DIR (no compilation cache, no cost-model calibration); "
+        "entk cold: fresh empty ENTK_CACHE_DIR (no compilation cache, no stored torch program, no "
+        "cost-model calibration); "
         "entk warm: a second process on the same ENTK_CACHE_DIR. Ratios: entk time / torch.func "
         "time (< 1: entk faster). Peak RSS: ru_maxrss of the process, imports included (both "
         "processes import torch, JAX and entk). Agreement: max |Θ_entk − Θ_func| / max |Θ_func|, "
@@ -358,21 +365,23 @@ def markdown(results: list[dict], command: str, repeats: int) -> str:
             f"{_fmt(s['entk_warm_peak_rss_mib'], '.0f')} | {_fmt(s['func_rss_before_mib'], '.0f')} | "
             f"{_fmt(e['first'], '.1e')} / {_fmt(e['second'], '.1e')} |")
     lines += ["", "## Where entk's first call goes (first run of each case)", "",
-              "| case | cache | first (s) | convert (torch.export → JAX) (s) | auto select (s) "
+              "| case | cache | first (s) | convert (torch.export → JAX) (s) "
+              "| of which export or stored program (s) | program cache | auto select (s) "
               "| of which calibration (s) "
-              "| XLA backend compile (s) | JAX trace (s) | cache hits / misses | strategy |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| XLA backend compile (s) | JAX trace (s) | XLA cache hits / misses | strategy |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for key in ("entk_cold", "entk_warm"):
             run = r["runs"][key][0] if r["runs"][key] else {"error": "not run"}
             if "error" in run:
                 lines.append(f"| {r['case']} | {key[5:]} | error: "
                              f"{run['error'].splitlines()[-1][:120] if run['error'] else ''} "
-                             "| | | | | | | |")
+                             "| | | | | | | | | |")
                 continue
             ph, ev = run["entk_phases"], run["jax_events"]
             lines.append(
                 f"| {r['case']} | {key[5:]} | {run['first_s']:.3g} | {ph['convert_s']:.3g} | "
+                f"{ph.get('export_s', 0.0):.3g} | {', '.join(ph.get('program_cache', [])) or '—'} | "
                 f"{ph['auto_select_s']:.3g} | {ph['calibrate_s']:.3g} | "
                 f"{ev.get('/jax/core/compile/backend_compile_duration', 0.0):.3g} | "
                 f"{ev.get('/jax/core/compile/jaxpr_trace_duration', 0.0):.3g} | "
@@ -380,7 +389,10 @@ def markdown(results: list[dict], command: str, repeats: int) -> str:
                 f"{ev.get('/jax/compilation_cache/cache_misses', 0)} | "
                 f"{', '.join(sorted(set(ph['chosen'])))} |")
     lines += ["", "convert and auto select are wall times of `entk.adapters.to_model` and "
-              "`entk.algorithms.cost.select` (select includes lowering the candidates, the cost "
+              "`entk.algorithms.cost.select`; export or stored program: wall time of "
+              "`entk.adapters.torch.export._cached_export` (torch.export, or reading a program a "
+              "previous process stored and checking it against PyTorch; program cache says which: "
+              "stored / hit, see docs/guide/caches.md); select includes lowering the candidates, the cost "
               "model's calibration when its cache is cold, and any close-call timing); XLA backend "
               "compile and JAX trace are JAX's own monitoring durations summed over the process (they "
               "overlap select's). Both are measured over both calls.", ""]

@@ -1,6 +1,6 @@
 """`entk cache info` / `entk cache clear`: where entk keeps what it learns about this machine, and a reset.
 
-entk keeps three caches, all under `$ENTK_CACHE_DIR` (default `~/.cache/entk`):
+entk keeps four caches, all under `$ENTK_CACHE_DIR` (default `~/.cache/entk`):
 
 - *calibration*: the cost model's measured speed of this device (FLOP/s, bytes/s, per-op overhead),
   from which `auto` and `entk compare` predict times. Measured once (about a second) and reused; if
@@ -9,6 +9,8 @@ entk keeps three caches, all under `$ENTK_CACHE_DIR` (default `~/.cache/entk`):
   clearing it only costs recompilation.
 - *decisions*: `auto`'s stored picks per model and shapes (`entk/algorithms/decision_cache.py`);
   clearing it makes `auto` compare the strategies again.
+- *programs*: PyTorch modules' exported programs (`entk/adapters/torch/program_cache.py`), so a new
+  process skips torch.export; clearing it only costs exporting again.
 
 The locations come from the modules that own each cache; nothing here builds a path of its own.
 """
@@ -22,11 +24,12 @@ from typing import Any
 
 from entk.cli import CommandError, add_command
 
-CACHES = ("calibration", "xla", "decisions")
+CACHES = ("calibration", "xla", "decisions", "programs")
 
-DESCRIPTION = ("entk keeps three caches under $ENTK_CACHE_DIR (default ~/.cache/entk): the cost "
+DESCRIPTION = ("entk keeps four caches under $ENTK_CACHE_DIR (default ~/.cache/entk): the cost "
                "model's calibration of this device, from which auto and `entk compare` predict "
-               "times; JAX's compiled kernel programs; and auto's stored strategy picks. `entk "
+               "times; JAX's compiled kernel programs; auto's stored strategy picks; and PyTorch "
+               "modules' exported programs. `entk "
                "cache info` shows them, `entk cache clear` deletes them (each is rebuilt on next "
                "use).")
 
@@ -34,17 +37,20 @@ _WHAT = {
     "calibration": "the cost model's measured speed of this device (measured again on next use)",
     "xla": "compiled kernel programs (recompiled on next use)",
     "decisions": "auto's stored strategy picks (compared again on next use)",
+    "programs": "PyTorch modules' exported programs (exported again on next use)",
 }
 
 
 def _facts() -> tuple[pathlib.Path, dict[str, pathlib.Path | None]]:
     """entk's cache directory and each cache's path (None: entk does not manage that cache now)."""
     from entk import _compilation_cache
+    from entk.adapters import program_store
     from entk.algorithms import decision_cache
     from entk.algorithms.device import cache_dir, calibration_path
 
     return cache_dir(), {"calibration": calibration_path(), "xla": _compilation_cache.directory(),
-                         "decisions": decision_cache.directory()}
+                         "decisions": decision_cache.directory(),
+                         "programs": program_store.directory()}
 
 
 def _files(path: pathlib.Path) -> list[pathlib.Path]:
@@ -63,7 +69,8 @@ def _size(n: float) -> str:
 
 def _describe(path: pathlib.Path | None) -> str:
     if path is None:
-        return "not managed by entk (ENTK_COMPILATION_CACHE is off, or you set JAX's own cache dir)"
+        return ("off (ENTK_COMPILATION_CACHE / ENTK_PROGRAM_CACHE is off, or you set JAX's own "
+                "cache dir)")
     files = _files(path)
     if not files:
         return f"{path}  (nothing stored yet)"
@@ -83,7 +90,8 @@ def calibration_note() -> str:
 def add_parser(subparsers: Any) -> None:
     """Adds `entk cache info` and `entk cache clear` to the `entk` command's subparsers."""
     p = add_command(subparsers, "cache", help="show or clear entk's caches (calibration, "
-                    "compiled programs, auto's decisions)", description=DESCRIPTION)
+                    "compiled programs, auto's decisions, exported PyTorch programs)",
+                    description=DESCRIPTION)
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     info = add_command(actions, "info", help="print each cache's path and size",
                        description="Print where each of entk's caches lives and its size.")
@@ -92,7 +100,7 @@ def add_parser(subparsers: Any) -> None:
                         description="Delete some of entk's caches; each is rebuilt on next use.")
     for name in CACHES:
         clear.add_argument(f"--{name}", action="store_true", help=f"delete {_WHAT[name]}")
-    clear.add_argument("--all", action="store_true", help="delete all three caches")
+    clear.add_argument("--all", action="store_true", help="delete all four caches")
     clear.set_defaults(func=run_clear)
 
 
@@ -109,7 +117,7 @@ def run_clear(args: argparse.Namespace) -> int:
     """Deletes the caches asked for; prints what was deleted."""
     chosen = [name for name in CACHES if args.all or getattr(args, name)]
     if not chosen:
-        raise CommandError("say what to clear: --calibration, --xla, --decisions or --all")
+        raise CommandError("say what to clear: --calibration, --xla, --decisions, --programs or --all")
     _, paths = _facts()
     for name in chosen:
         path = paths[name]

@@ -293,11 +293,12 @@ def test_cache_info_and_clear_in_a_fresh_process(tmp_path):
         "from entk.cli import main\n"
         "from entk.algorithms import decision_cache, device\n"
         "from entk import _compilation_cache\n"
+        "from entk.adapters import program_store\n"
         "paths = {'calibration': device.calibration_path(), 'xla': _compilation_cache.directory(),\n"
-        "         'decisions': decision_cache.directory()}\n"
+        "         'decisions': decision_cache.directory(), 'programs': program_store.directory()}\n"
         "paths['calibration'].parent.mkdir(parents=True)\n"
         "paths['calibration'].write_text('{}')\n"
-        "for name in ('xla', 'decisions'):\n"
+        "for name in ('xla', 'decisions', 'programs'):\n"
         "    paths[name].mkdir(); (paths[name] / 'entry').write_bytes(b'x' * 2000)\n"
         "print('PATHS', json.dumps({k: str(v) for k, v in paths.items()}))\n"
         "for argv in (['cache', 'info'], ['cache', 'clear', '--calibration'], ['cache', 'info'],\n"
@@ -305,10 +306,12 @@ def test_cache_info_and_clear_in_a_fresh_process(tmp_path):
         "    print('----', *argv, flush=True)\n"
         "    assert main(argv) == 0\n"
         "    sys.stdout.flush()\n"
-        "print('LEFT', json.dumps({k: v.exists() for k, v in paths.items()}))\n")
+        "print('LEFT', json.dumps({k: v.exists() for k, v in paths.items()}))\n"
+        "print('TORCH', 'torch' in sys.modules)\n")
     env = _env(ENTK_CACHE_DIR=str(cache))
     env.pop("ENTK_COMPILATION_CACHE", None)
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    env.pop("ENTK_PROGRAM_CACHE", None)
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -316,6 +319,7 @@ def test_cache_info_and_clear_in_a_fresh_process(tmp_path):
     paths = json.loads(re.search(r"^PATHS (.*)$", out, re.M).group(1))
     assert paths["calibration"].startswith(str(cache) + os.sep)
     assert paths["xla"] == str(cache / "xla") and paths["decisions"] == str(cache / "decisions")
+    assert paths["programs"] == str(cache / "torch-programs")
     first_info, cleared, second_info, cleared_all = out.split("---- ")[1:]
     assert f"entk's cache directory: {cache}" in first_info
     assert re.search(rf"calibration +{re.escape(paths['calibration'])} +\(2 B\)", first_info)
@@ -323,9 +327,11 @@ def test_cache_info_and_clear_in_a_fresh_process(tmp_path):
     assert f"calibration: deleted {paths['calibration']}" in cleared
     assert re.search(r"calibration .*nothing stored yet", second_info)
     assert re.search(r"decisions .*\(1 file, 2.0 kB\)", second_info)
-    assert "xla: deleted" in cleared_all and "decisions: deleted" in cleared_all
+    assert re.search(r"programs .*\(1 file, 2.0 kB\)", second_info)
+    assert all(f"{name}: deleted" in cleared_all for name in ("xla", "decisions", "programs"))
     assert json.loads(re.search(r"^LEFT (.*)$", out, re.M).group(1)) == {
-        "calibration": False, "xla": False, "decisions": False}
+        "calibration": False, "xla": False, "decisions": False, "programs": False}
+    assert "TORCH False" in out  # `entk cache` does not import PyTorch
 
 
 def test_compare_says_where_its_calibration_lives(capsys, monkeypatch):

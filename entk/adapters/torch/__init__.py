@@ -453,6 +453,7 @@ def _export_model(module: Any, example_input: Any, include_frozen: bool, trainin
         "buffer_names": tuple(tensors.state["buffers"]),
         "input_layout": "as the PyTorch module (NCHW for images)",
         "dynamic_batch": exported.dynamic,
+        "program_cache": exported.program_cache,
         "exported_program": exported.program,
         "ops": sorted({str(n.target) for n in exported.program.graph.nodes
                        if n.op == "call_function"}),

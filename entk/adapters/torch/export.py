@@ -19,10 +19,10 @@ PyTorch's autograd semantics are kept (`autograd_semantics.py`): `detach()` and 
 `torch.autograd.Function` becomes a `jax.custom_jvp` built from its own forward and backward
 (`autograd_function.py`; the few forms it cannot keep raise `AutogradFunctionError`).
 
-The module is exported in eval mode unless asked otherwise, with the batch axis marked dynamic
-(`torch.export.Dim.AUTO`) so that one export serves every batch size ≥ 2; inputs whose shapes the
-export does not cover (batch 1, another sequence length) are exported again on first use, once per
-shape, at JAX trace time.
+The module is exported in eval mode unless asked otherwise, with the batch axis marked dynamic so
+that one export serves every batch size ≥ 1 (or ≥ 2 where the model's code treats size 1
+differently, `torch.export.Dim.AUTO`); inputs whose shapes the export does not cover (another
+sequence length, batch 1 then) are exported again on first use, once per shape, at JAX trace time.
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ import jax.numpy as jnp
 import torch
 from torch.utils import _pytree as torch_pytree
 
-from entk.adapters.torch import aten, autograd_function, autograd_semantics
+from entk.adapters.torch import aten, autograd_function, autograd_semantics, program_cache
 from entk.adapters.torch.graph_translation import (  # noqa: F401 - the errors are re-exported here
-    BRIDGE_HINT, GraphTranslation, TranslationError, UnsupportedOpsError, numpy_dtype, tensor_to_jax)
+    BRIDGE_HINT, GraphTranslation, TranslationError, UnsupportedOpsError, input_dims, numpy_dtype,
+    tensor_to_jax)
 
 PyTree = Any
 
@@ -90,10 +91,13 @@ def split_example(example_input: Any) -> tuple[tuple, dict, str]:
     return (example_input,), {}, "single"
 
 
-def _dynamic_shapes(module: torch.nn.Module, args: tuple, kwargs: dict, batch_axis: int | None):
+def _dynamic_shapes(module: torch.nn.Module, args: tuple, kwargs: dict, batch_axis: int | None,
+                    from_one: bool = False):
+    """`dynamic_shapes` marking every input's batch axis: one `Dim` of sizes ≥ 1 shared by all
+    inputs (`from_one`), else `Dim.AUTO` (export decides; it specializes size 1 away)."""
     if batch_axis is None:
         return None
-    auto = torch.export.Dim.AUTO
+    auto = torch.export.Dim("batch", min=1) if from_one else torch.export.Dim.AUTO
 
     def spec(x: Any) -> Any:
         if isinstance(x, torch.Tensor) and x.ndim > batch_axis >= -x.ndim:
@@ -191,14 +195,19 @@ def export_module(module: torch.nn.Module, args: tuple, kwargs: dict, *, trainin
                   batch_axis: int | None) -> torch.export.ExportedProgram:
     """`torch.export.export` + `run_decompositions()` (core ATen), in the requested mode.
 
-    The batch axis is marked `Dim.AUTO` (dynamic where the model allows, else specialized); if the
-    dynamic export fails, a static export is tried before giving up with an `ExportError`.
+    The batch axis is first marked dynamic from size 1 up (one program then also serves the
+    per-example computation, batch 1; torch.export refuses the range if the model's code treats
+    size 1 differently), then `Dim.AUTO` (dynamic where the model allows, sizes ≥ 2), then static;
+    an `ExportError` reports why the last two failed.
     """
     dynamic = _dynamic_shapes(module, args, kwargs, batch_axis)
-    attempts = [dynamic, None] if dynamic is not None else [None]
+    attempts = [(None, True)]
+    if dynamic is not None:
+        attempts = [(_dynamic_shapes(module, args, kwargs, batch_axis, from_one=True), False),
+                    (dynamic, True)] + attempts
     error: Exception | None = None
     with module_mode(module, training), _only_entk_warnings(), _quiet_torch_logs():
-        for shapes in attempts:
+        for shapes, report in attempts:
             try:
                 with autograd_semantics.export_context(module, _KEEP):
                     program = torch.export.export(module, args, kwargs, dynamic_shapes=shapes,
@@ -206,14 +215,14 @@ def export_module(module: torch.nn.Module, args: tuple, kwargs: dict, *, trainin
             except autograd_semantics.AutogradFunctionError as e:  # raised by opaque_apply
                 raise AutogradFunctionError(str(e)) from None
             except Exception as e:  # noqa: BLE001 - every export failure is reported below
-                error = error or e
+                error = error or (e if report else None)
                 continue
             with _autograd_errors_as_export_errors():
                 autograd_semantics.detach_no_grad_outputs(program)
             try:
                 program = program.run_decompositions(_decomposition_table())
             except Exception as e:  # noqa: BLE001 - every export failure is reported below
-                error = error or e
+                error = error or (e if report else None)
                 continue
             with _autograd_errors_as_export_errors():
                 autograd_function.prepare_program(program)
@@ -221,6 +230,35 @@ def export_module(module: torch.nn.Module, args: tuple, kwargs: dict, *, trainin
     message = _describe_export_failure(module, args, kwargs, error)
     kind = InputDtypeError if message.startswith("example_input holds") else ExportError
     raise kind(message) from error
+
+
+def _cached_export(module: torch.nn.Module, args: tuple, kwargs: dict, *, training: bool,
+                   batch_axis: int | None) -> tuple[Any, str]:
+    """`export_module`, or the program a previous process stored for this module (`program_cache.py`).
+
+    Returns the program and what the disk cache did: "hit" (stored program used), "stored" (exported,
+    then stored), "not stored" (exported; this program cannot be stored) or "off".
+    """
+    key = program_cache.fingerprint(module, args, kwargs, training=training, batch_axis=batch_axis)
+    if key is None or program_cache.directory() is None:
+        state = "off" if program_cache.directory() is None else "not stored"
+        return export_module(module, args, kwargs, training=training, batch_axis=batch_axis), state
+
+    def run_module(params: dict, args: tuple, kwargs: dict) -> Any:
+        with module_mode(module, training):
+            return torch.func.functional_call(module, params, args, kwargs)
+
+    program = program_cache.load(key, module, args, kwargs, run_module)
+    if program is not None:
+        return program, "hit"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        program = export_module(module, args, kwargs, training=training, batch_axis=batch_axis)
+    for w in caught:  # shown as they were; a program that warns is exported (and warns) every time
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    if any(issubclass(w.category, autograd_semantics.ExportSemanticsWarning) for w in caught):
+        return program, "not stored"
+    return program, "stored" if program_cache.store(key, program) else "not stored"
 
 
 @contextlib.contextmanager
@@ -340,7 +378,7 @@ class _Entry:
     program: torch.export.ExportedProgram
     translation: GraphTranslation
     slots: dict[str, Slot]
-    input_shapes: list[tuple]  # per user input: ints (static) or SymInts (dynamic)
+    input_shapes: list[tuple]  # per user input: its sizes as `graph_translation.input_dims` gives them
 
 
 class ExportedModule:
@@ -367,7 +405,8 @@ class ExportedModule:
                     f"a tuple of tensors (positional inputs) or a dict of tensors (keyword inputs). "
                     f"Bind other arguments with a wrapper module or functools.partial.")
         self.example_leaves = [(tuple(t.shape), t.dtype, t.device) for t in leaves]
-        program = export_module(module, args, kwargs, training=training, batch_axis=batch_axis)
+        program, self.program_cache = _cached_export(module, args, kwargs, training=training,
+                                                     batch_axis=batch_axis)
         self.primary = self._entry(program)
         self.in_spec = program.call_spec.in_spec
         self.out_spec = program.call_spec.out_spec
@@ -384,7 +423,8 @@ class ExportedModule:
         slots = map_placeholders(program, self.module, self.trainable)
         by_name = {n.name: n for n in program.graph_module.graph.nodes if n.op == "placeholder"}
         inputs = sorted((slot.key, name) for name, slot in slots.items() if slot.source == "input")
-        shapes = [tuple(by_name[name].meta["val"].shape) for _, name in inputs]
+        shapes = [input_dims(by_name[name].meta["val"].shape, program.range_constraints)
+                  for _, name in inputs]
         return _Entry(program, translation, slots, shapes)
 
     def constants(self) -> dict[str, jax.Array]:
@@ -396,9 +436,7 @@ class ExportedModule:
     # ------------------------------------------------------------ shapes
 
     def _accepts(self, entry: _Entry, shapes: list[tuple]) -> bool:
-        import sympy
-
-        bindings: dict[Any, int] = {}
+        bindings: dict[str, int] = {}
         derived = []
         for want, got in zip(entry.input_shapes, shapes):
             if len(want) != len(got):
@@ -407,21 +445,26 @@ class ExportedModule:
                 if isinstance(w, int):
                     if w != g:
                         return False
-                    continue
-                expr = w.node.expr
-                if isinstance(expr, sympy.Symbol):
-                    if bindings.setdefault(expr, g) != g:
+                elif w[0] == "sym":
+                    _, name, lower, upper = w
+                    if bindings.setdefault(name, g) != g:
                         return False
-                    bounds = entry.program.range_constraints.get(expr)
-                    if bounds is not None and not (bool(sympy.Le(bounds.lower, g))
-                                                   and bool(sympy.Le(g, bounds.upper))):
+                    if (lower is not None and g < lower) or (upper is not None and g > upper):
                         return False
                 else:
-                    derived.append((expr, g))
-        for expr, g in derived:
-            value = expr.subs(bindings)
-            if not value.is_number or int(value) != g:
-                return False
+                    derived.append((w, g))
+        if derived:
+            import sympy
+
+            for dim, g in derived:
+                try:
+                    expr = dim[2] if len(dim) > 2 else sympy.sympify(dim[1])  # stored: text only
+                    value = expr.subs({s: bindings[str(s)] for s in expr.free_symbols
+                                       if str(s) in bindings})
+                    if not value.is_number or int(value) != g:
+                        return False
+                except (sympy.SympifyError, TypeError, ValueError):
+                    return False  # exported again for these shapes
         return True
 
     def entry_for(self, shapes: list[tuple], *, static: bool = False) -> _Entry:
@@ -438,8 +481,8 @@ class ExportedModule:
                         for shape, (_, dtype, device) in zip(shapes, self.example_leaves)]
             args, kwargs = torch_pytree.tree_unflatten(examples, self.in_spec)
             try:
-                program = export_module(self.module, tuple(args), dict(kwargs),
-                                        training=self.training, batch_axis=None)
+                program, _ = _cached_export(self.module, tuple(args), dict(kwargs),
+                                            training=self.training, batch_axis=None)
             except ExportError as e:
                 raise ExportError(f"Inputs of shapes {shapes} differ from those the model was "
                                   f"converted with ({[s for s, _, _ in self.example_leaves]}), and "

@@ -12,6 +12,7 @@ structure live in `export.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 import traceback
@@ -101,6 +102,65 @@ def tensor_to_jax(t: torch.Tensor, *, copy: bool) -> jax.Array:
         return jnp.asarray(t.float().cpu().numpy(), dtype=jnp.bfloat16)
     array = t.cpu().numpy()
     return jnp.array(array, copy=True) if copy else jnp.asarray(array)
+
+
+# ---------------------------------------------------------------- recorded shapes
+
+
+@dataclasses.dataclass(frozen=True)
+class SymbolicSize:
+    """A size the export left symbolic, as stored by `program_cache.py`: `dim` is `input_dims`'s
+    form (`("sym", name, lower, upper)` for an input's own size, `("expr", text)` otherwise)."""
+
+    dim: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordedTensor:
+    """What PyTorch recorded of a node's tensor value (`node.meta["val"]`), for a stored program:
+    dtype, shape (ints and `SymbolicSize`s), strides (None where some are symbolic), storage offset."""
+
+    dtype: torch.dtype
+    shape: tuple
+    strides: tuple | None
+    offset: int
+
+    def stride(self) -> tuple | None:
+        return self.strides
+
+    def storage_offset(self) -> int:
+        return self.offset
+
+
+def input_dims(shape: Sequence[Any], range_constraints: dict) -> tuple:
+    """An input's recorded shape with each size as an int (static), `("sym", name, lower, upper)`
+    (a dynamic size of its own; bounds are ints, None for unbounded) or `("expr", text[, sympy
+    expression])` (a size derived from others, e.g. `2*s0`; stored programs keep the text only),
+    from `torch.SymInt`s or `SymbolicSize`s."""
+    dims = []
+    for d in shape:
+        if isinstance(d, int):
+            dims.append(int(d))
+        elif isinstance(d, SymbolicSize):
+            dims.append(d.dim)
+        else:
+            expr = d.node.expr
+            if getattr(expr, "is_Symbol", False):
+                bounds = range_constraints.get(expr)
+                lower, upper = (None, None) if bounds is None else (_int_or_none(bounds.lower),
+                                                                   _int_or_none(bounds.upper))
+                dims.append(("sym", str(expr), lower, upper))
+            else:
+                dims.append(("expr", str(expr), expr))
+    return tuple(dims)
+
+
+def _int_or_none(bound: Any) -> int | None:
+    try:
+        value = int(bound)
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return value if abs(value) < 2 ** 62 else None
 
 
 # ---------------------------------------------------------------- the graph interpreter
@@ -224,7 +284,7 @@ def _materialize(value: Any, env: dict[str, Any], node: torch.fx.Node) -> Any:
 
 def _match_meta(out: Any, val: Any) -> Any:
     """Casts a translated result to the dtype PyTorch recorded and checks its static shape."""
-    if isinstance(val, torch.Tensor):
+    if isinstance(val, (torch.Tensor, RecordedTensor)):
         if isinstance(out, (bool, int, float, np.number, np.bool_)):
             out = jnp.asarray(out)
         if not hasattr(out, "dtype"):

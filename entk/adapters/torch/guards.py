@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import collections
 import enum
+import hashlib
+import marshal
 import types
 import weakref
 from typing import Any
@@ -35,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["snapshot"]
+__all__ = ["code_hash", "portable_snapshot", "snapshot"]
 
 # Plain values recorded as themselves (compared by ==).
 _ATOMS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size,
@@ -71,16 +73,63 @@ def snapshot(module: torch.nn.Module, keep: list | None = None) -> tuple:
     return tuple(walk.out)
 
 
+def portable_snapshot(module: torch.nn.Module) -> tuple:
+    """`snapshot(module)` as it would read in another process: objects recorded by identity become
+    their order of first appearance, functions and classes their qualified names and code hashes;
+    addresses (`data_ptr`, NumPy buffers) are left out. Its `repr` keys stored programs on disk
+    (`program_cache.py`): equal records mean the same module tree, attributes, tensor metadata and
+    hooks, as far as a snapshot sees."""
+    walk = _Walk(None, portable=True)
+    walk.module(module)
+    return tuple(walk.out)
+
+
+def code_hash(obj: Any) -> str:
+    """A hash of the code behind a function, method, property or static/class method ("" if none)."""
+    if isinstance(obj, (staticmethod, classmethod)):
+        obj = obj.__func__
+    if isinstance(obj, property):
+        return "".join(code_hash(f) for f in (obj.fget, obj.fset, obj.fdel) if f is not None)
+    obj = getattr(obj, "__func__", obj)  # bound methods
+    code = getattr(obj, "__code__", None)
+    if code is None:
+        return ""
+    try:
+        return hashlib.sha256(marshal.dumps(code)).hexdigest()[:16]
+    except ValueError:  # unmarshallable constants
+        return hashlib.sha256(repr(code.co_code).encode()).hexdigest()[:16]
+
+
+def _portable_token(obj: Any, ordinal: int) -> tuple:
+    if isinstance(obj, type):
+        return ("class", obj.__module__, obj.__qualname__)
+    if isinstance(obj, types.ModuleType):
+        return ("module", obj.__name__)
+    if callable(obj) and hasattr(getattr(obj, "__func__", obj), "__qualname__"):
+        fn = getattr(obj, "__func__", obj)
+        return ("fn", getattr(fn, "__module__", None), fn.__qualname__, code_hash(obj), ordinal)
+    return ("obj", type(obj).__module__, type(obj).__qualname__, ordinal)
+
+
 class _Walk:
     """One snapshot being taken: the record so far, the objects seen (shared ones are recorded
     once, cycles end), and the objects to keep alive (or None)."""
 
-    def __init__(self, keep: list | None):
+    def __init__(self, keep: list | None, portable: bool = False):
         self.out: list = [torch.get_default_dtype()]
         self.seen: set = set()
         self.keep = keep
+        self.portable = portable
+        self.tokens: dict[int, tuple] = {}  # portable mode: id -> token
+        self.held: list = []  # portable mode: the objects tokenized (their ids stay unique)
 
-    def identity(self, obj: Any) -> int:
+    def identity(self, obj: Any) -> Any:
+        if self.portable:
+            token = self.tokens.get(id(obj))
+            if token is None:
+                token = self.tokens[id(obj)] = _portable_token(obj, len(self.tokens))
+                self.held.append(obj)
+            return token
         if self.keep is not None:
             self.keep.append(obj)
         return id(obj)
@@ -88,7 +137,7 @@ class _Walk:
     def first_visit(self, obj: Any) -> bool:
         """Whether `obj` is new to this walk (else a back-reference is recorded)."""
         if id(obj) in self.seen:
-            self.out.append(("seen", id(obj)))
+            self.out.append(("seen", self.identity(obj) if self.portable else id(obj)))
             return False
         self.seen.add(id(obj))
         return True
@@ -97,7 +146,7 @@ class _Walk:
         """A tensor's guarded properties. Registered ones are read at every call, so their storage
         may change; unregistered ones are baked as constants aliasing their storage, so it may not."""
         meta = (self.identity(t), t.dtype, t.shape, t.device, t.requires_grad, type(t))
-        if registered:
+        if registered or self.portable:
             return meta
         try:
             return meta + (t.data_ptr(), t.stride(), t.storage_offset())
@@ -169,8 +218,8 @@ class _Walk:
                 self.value(item, depth + 1)
         elif isinstance(v, np.ndarray):
             small = v.nbytes <= _SMALL_ARRAY
-            out.append(("ndarray", v.dtype, v.shape,
-                        v.tobytes() if small else (self.identity(v), v.ctypes.data)))
+            out.append(("ndarray", v.dtype, v.shape, v.tobytes() if small else (
+                self.identity(v), None if self.portable else v.ctypes.data)))
         elif hasattr(v, "__dict__"):  # a plain object, e.g. a config: its fields
             if self.first_visit(v):
                 out.append((kind, self.identity(v)))

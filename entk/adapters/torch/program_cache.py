@@ -1,0 +1,505 @@
+"""Exported programs kept on disk, so that a new process converting the same module skips torch.export.
+
+`torch.export` is most of a PyTorch user's first call: importing `torch._dynamo` alone takes about a
+second, whatever the model. The core-ATen program it produces depends only on the module's code, its
+structure and plain attributes, the dtypes / shapes / `requires_grad` of its tensors, the input
+signature and the export settings; not on the weights' values. So export mode stores each program it
+exports (as JSON: the FX graph, its signature, the input/output tree specs and the recorded shapes),
+in `$ENTK_CACHE_DIR/torch-programs/`, under a SHA-256 of:
+
+- the module's guard record (`guards.portable_snapshot`: the module tree, every plain attribute
+  `forward` may read, the tensors' dtypes / shapes / devices / `requires_grad`, hooks), with functions
+  and classes named and their code hashed instead of their addresses;
+- the code of every class in the module tree (each class's methods, and the whole source file it is
+  defined in), outside `torch` itself;
+- the example input's structure, dtypes and shapes, the export settings (train/eval, batch axis), JAX's
+  64-bit mode, the torch version and the source of entk's export code.
+
+What no key can see (a helper function in another file that `forward` calls, a global) is checked
+before a stored program is used: the program is run with PyTorch itself on the example input and
+must reproduce the module's own output and its gradient with respect to every floating-point
+parameter (for a random output cotangent) to within rounding; otherwise the module is exported
+afresh and the entry replaced. A stored program is a speed-up only, never a change of answer.
+
+Not stored (exported every time): programs holding tensor constants (they alias the module's storage),
+custom autograd Functions or other non-ATen ops, training-mode exports, and anything this module cannot
+encode. `ENTK_PROGRAM_CACHE=0` turns the cache off; `ENTK_PROGRAM_CACHE=/some/dir` moves it
+(`entk/adapters/program_store.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import importlib
+import inspect
+import json
+import os
+import pathlib
+from typing import Any, Callable
+
+import jax
+import torch
+from torch.utils import _pytree as torch_pytree
+
+from entk.adapters.program_store import directory
+from entk.adapters.torch import guards
+from entk.adapters.torch.graph_translation import RecordedTensor, SymbolicSize, input_dims
+
+_VERSION = 1
+# Python-level targets a core-ATen graph may call besides ATen ops (SymInt arithmetic, getitem):
+# module → allowed name prefix. Nothing else is stored or read back (a stored file names no code).
+_PY_TARGETS = {"_operator": "", "math": "", "torch": "sym_"}
+_OP_NAMESPACES = ("aten", "prims")
+# Files whose code decides what a stored program is: a change to them invalidates every entry.
+_EXPORT_SOURCES = ("export.py", "autograd_semantics.py", "program_cache.py", "graph_translation.py")
+
+
+class Uncacheable(Exception):
+    """This program (or module) cannot be stored; it is exported every time."""
+
+
+# ---------------------------------------------------------------- the key
+
+
+def fingerprint(module: torch.nn.Module, args: tuple, kwargs: dict, *, training: bool,
+                batch_axis: int | None) -> str | None:
+    """The key of `module`'s exported program for inputs like `(args, kwargs)`; None if not cacheable."""
+    if training:
+        return None  # train-mode BatchNorm updates running statistics: no verification run
+    leaves, spec = torch_pytree.tree_flatten((args, kwargs))
+    if not all(isinstance(t, torch.Tensor) for t in leaves):
+        return None
+    parts = [f"v{_VERSION}", torch.__version__, str(bool(jax.config.x64_enabled)),
+             f"batch_axis={batch_axis}", str(spec),
+             repr([(t.dtype, tuple(t.shape), str(t.device)) for t in leaves]),
+             _export_code(), _class_code(module), repr(guards.portable_snapshot(module))]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def _export_code() -> str:
+    here = pathlib.Path(__file__).parent
+    return hashlib.sha256(b"".join((here / name).read_bytes() for name in _EXPORT_SOURCES)).hexdigest()
+
+
+def _class_code(module: torch.nn.Module) -> str:
+    """A hash of the code of every class in the module tree (and their bases), outside torch."""
+    digest = hashlib.sha256()
+    classes = {cls for m in module.modules() for cls in type(m).__mro__}
+    for cls in sorted(classes, key=lambda c: (c.__module__, c.__qualname__)):
+        if cls is object or cls.__module__.split(".")[0] == "torch":
+            continue
+        digest.update(f"{cls.__module__}.{cls.__qualname__}".encode())
+        for name, member in sorted(vars(cls).items(), key=lambda kv: kv[0]):
+            digest.update(name.encode() + guards.code_hash(member).encode())
+        try:
+            source = inspect.getsourcefile(cls)
+        except (TypeError, OSError):
+            source = None
+        if source is not None:
+            digest.update(_file_hash(source).encode())
+    return digest.hexdigest()
+
+
+def _file_hash(path: str) -> str:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return "missing"
+    return _file_hash_at(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_hash_at(path: str, mtime_ns: int, size: int) -> str:
+    try:
+        return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return "unreadable"
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def encode(program: Any) -> dict:
+    """An exported program as JSON-ready data (raises `Uncacheable` for what cannot be stored)."""
+    from torch.export.graph_signature import ConstantArgument, TensorArgument
+
+    if any(isinstance(c, torch.Tensor) for c in program.constants.values()):
+        raise Uncacheable("the program holds tensor constants")
+    nodes = []
+    graph = program.graph_module.graph
+    for node in graph.nodes:
+        if node.op not in ("placeholder", "call_function", "output"):
+            raise Uncacheable(f"a {node.op} node")
+        record = {"op": node.op, "name": node.name, "target": _encode_target(node),
+                  "args": _encode_value(node.args), "kwargs": _encode_value(node.kwargs),
+                  "val": _encode_meta(node.meta.get("val"), program, node.op == "placeholder")}
+        stack = node.meta.get("nn_module_stack") or {}
+        if stack:
+            path, kind = list(stack.values())[-1]
+            kind = kind if isinstance(kind, str) else f"{kind.__module__}.{kind.__qualname__}"
+            record["module"] = [str(path), kind]
+        if node.meta.get("stack_trace"):
+            record["stack_trace"] = node.meta["stack_trace"]
+        nodes.append(record)
+    for node in graph.nodes:
+        if node.op == "call_function" and "as_strided" in str(node.target):
+            val = node.args[0].meta.get("val") if node.args else None
+            if val is not None and not all(isinstance(s, int) for s in val.stride()):
+                raise Uncacheable("as_strided of a tensor with symbolic strides")
+    signature = program.graph_signature
+    inputs = [[spec.kind.name, spec.arg.name, spec.target] for spec in signature.input_specs]
+    outputs = []
+    for spec in signature.output_specs:
+        if isinstance(spec.arg, ConstantArgument):
+            outputs.append([spec.kind.name, "constant", _encode_value(spec.arg.value), spec.target])
+        elif isinstance(spec.arg, TensorArgument):
+            outputs.append([spec.kind.name, "tensor", spec.arg.name, spec.target])
+        else:
+            raise Uncacheable(f"a {type(spec.arg).__name__} output")
+    try:
+        in_spec = torch_pytree.treespec_dumps(program.call_spec.in_spec)
+        out_spec = torch_pytree.treespec_dumps(program.call_spec.out_spec)
+    except Exception as e:  # noqa: BLE001 - a container type torch cannot serialize
+        raise Uncacheable(f"the input/output structure: {e}") from None
+    return {"version": _VERSION, "nodes": nodes, "inputs": inputs, "outputs": outputs,
+            "in_spec": in_spec, "out_spec": out_spec}
+
+
+def _encode_target(node: Any) -> Any:
+    target = node.target
+    if node.op != "call_function":
+        return target
+    if isinstance(target, torch._ops.OpOverload):
+        namespace = target.namespace
+        if namespace not in _OP_NAMESPACES:
+            raise Uncacheable(f"op {target} (not ATen)")
+        packet = target.overloadpacket
+        return ["op", namespace, packet._qualified_op_name.split("::")[1], target._overloadname]
+    module, name = getattr(target, "__module__", None), getattr(target, "__name__", "")
+    if _resolve_python(module, name) is target:
+        return ["py", module, name]
+    raise Uncacheable(f"call target {target!r}")
+
+
+def _resolve_python(module: Any, name: str) -> Any:
+    """`module.name` if it is an allowed Python-level target (`_PY_TARGETS`), else None."""
+    prefix = _PY_TARGETS.get(module)
+    if prefix is None or not name.startswith(prefix) or "." in name:
+        return None
+    return getattr(importlib.import_module(module), name, None)
+
+
+_ENUMS = {torch.layout: "layout", torch.memory_format: "memory_format"}
+
+
+def _encode_value(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return value if type(value) is int else _refuse(value)
+    if isinstance(value, float):
+        return {"float": repr(value)} if value != value or value in (float("inf"), float("-inf")) \
+            else value
+    if isinstance(value, torch.fx.Node):
+        return {"node": value.name}
+    if isinstance(value, (list, tuple)):
+        return {"list" if isinstance(value, list) else "tuple": [_encode_value(v) for v in value]}
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {"dict": {k: _encode_value(v) for k, v in value.items()}}
+    if isinstance(value, torch.dtype):
+        return {"dtype": str(value).removeprefix("torch.")}
+    if isinstance(value, torch.device):
+        return {"device": str(value)}
+    if type(value) in _ENUMS:
+        return {_ENUMS[type(value)]: str(value).removeprefix("torch.")}
+    return _refuse(value)
+
+
+def _refuse(value: Any) -> Any:
+    raise Uncacheable(f"an argument of type {type(value).__name__}")
+
+
+def _encode_meta(val: Any, program: Any, placeholder: bool) -> Any:
+    """A node's recorded value: dtype, shape (symbolic sizes as text, inputs' with their bounds),
+    strides where they are all static."""
+    if isinstance(val, torch.Tensor):
+        if placeholder:
+            shape = [list(d[:4] if d[0] == "sym" else d[:2]) if isinstance(d, tuple) else d
+                     for d in input_dims(val.shape, program.range_constraints)]
+        else:
+            shape = [int(d) if isinstance(d, int) else ["expr", str(d)] for d in val.shape]
+        strides = list(val.stride()) if all(isinstance(s, int) for s in val.stride()) else None
+        offset = val.storage_offset()
+        return {"dtype": str(val.dtype).removeprefix("torch."), "shape": shape, "strides": strides,
+                "offset": offset if isinstance(offset, int) else 0}
+    if isinstance(val, (list, tuple)):
+        return {"list": [_encode_meta(v, program, False) for v in val]}
+    return None  # SymInts, Python scalars: nothing the translation checks
+
+
+# ---------------------------------------------------------------- decoding
+
+
+@dataclasses.dataclass
+class CachedProgram:
+    """What export mode reads of a `torch.export.ExportedProgram`, rebuilt from a stored one."""
+
+    graph_module: Any  # has .graph, a torch.fx.Graph of core-ATen calls
+    graph_signature: Any  # torch.export.graph_signature.ExportGraphSignature
+    call_spec: Any  # has .in_spec, .out_spec (torch TreeSpecs)
+    constants: dict = dataclasses.field(default_factory=dict)
+    range_constraints: dict = dataclasses.field(default_factory=dict)  # bounds live in input_dims
+
+    @property
+    def graph(self) -> torch.fx.Graph:
+        return self.graph_module.graph
+
+
+@dataclasses.dataclass
+class _Holder:
+    graph: torch.fx.Graph
+
+
+@dataclasses.dataclass
+class _CallSpec:
+    in_spec: Any
+    out_spec: Any
+
+
+def decode(data: dict) -> CachedProgram:
+    """The program `encode` stored."""
+    from torch.export import graph_signature as gs
+
+    graph = torch.fx.Graph()
+    env: dict[str, torch.fx.Node] = {}
+    for record in data["nodes"]:
+        target = _decode_target(record["target"]) if record["op"] == "call_function" else record["target"]
+        args = _decode_value(record["args"], env)
+        kwargs = _decode_value(record["kwargs"], env)
+        node = graph.create_node(record["op"], target, args, kwargs, name=record["name"])
+        node.meta["val"] = _decode_meta(record["val"])
+        if "module" in record:
+            node.meta["nn_module_stack"] = {"stored": tuple(record["module"])}
+        if "stack_trace" in record:
+            node.meta["stack_trace"] = record["stack_trace"]
+        env[record["name"]] = node  # FX may rename (e.g. `input` → `input_1`)
+    inputs = [gs.InputSpec(kind=gs.InputKind[kind], arg=gs.TensorArgument(name=env[name].name),
+                           target=target,
+                           persistent=True if kind == "BUFFER" else None)
+              for kind, name, target in data["inputs"]]
+    outputs = []
+    for kind, arg_kind, value, target in data["outputs"]:
+        arg = (gs.ConstantArgument(name="", value=_decode_value(value, env)) if arg_kind == "constant"
+               else gs.TensorArgument(name=env[value].name))
+        outputs.append(gs.OutputSpec(kind=gs.OutputKind[kind], arg=arg, target=target))
+    return CachedProgram(_Holder(graph), gs.ExportGraphSignature(inputs, outputs),
+                         _CallSpec(torch_pytree.treespec_loads(data["in_spec"]),
+                                   torch_pytree.treespec_loads(data["out_spec"])))
+
+
+def _decode_target(record: list) -> Any:
+    kind, *rest = record
+    if kind == "op":
+        namespace, name, overload = rest
+        if namespace not in _OP_NAMESPACES:
+            raise ValueError(f"stored op in namespace {namespace!r}")
+        return getattr(getattr(getattr(torch.ops, namespace), name), overload)
+    module, name = rest
+    target = _resolve_python(module, name)
+    if target is None:
+        raise ValueError(f"stored call target {module}.{name} is not allowed or does not exist")
+    return target
+
+
+def _decode_value(value: Any, env: dict) -> Any:
+    if not isinstance(value, dict):
+        return value
+    (kind, inner), = value.items()
+    if kind == "node":
+        return env[inner]
+    if kind == "list":
+        return [_decode_value(v, env) for v in inner]
+    if kind == "tuple":
+        return tuple(_decode_value(v, env) for v in inner)
+    if kind == "dict":
+        return {k: _decode_value(v, env) for k, v in inner.items()}
+    if kind == "float":
+        return float(inner)
+    if kind == "dtype":
+        return getattr(torch, inner)
+    if kind == "device":
+        return torch.device(inner)
+    if kind in ("layout", "memory_format"):
+        return getattr(torch, inner)
+    raise ValueError(f"unknown stored value kind {kind!r}")
+
+
+def _decode_meta(val: Any) -> Any:
+    if val is None:
+        return None
+    if "list" in val:
+        return [_decode_meta(v) for v in val["list"]]
+    shape = tuple(d if isinstance(d, int) else SymbolicSize(tuple(d)) for d in val["shape"])
+    strides = None if val["strides"] is None else tuple(val["strides"])
+    return RecordedTensor(getattr(torch, val["dtype"]), shape, strides, val["offset"])
+
+
+# ---------------------------------------------------------------- checking a stored program
+
+
+def run_in_torch(program: CachedProgram, module: torch.nn.Module, params: dict, args: tuple,
+                 kwargs: dict) -> list:
+    """The program's user outputs, computed by PyTorch's own ATen ops (with autograd) from `params`
+    (named_parameters() names), the module's buffers and the inputs."""
+    from torch.export.graph_signature import InputKind
+
+    leaves = torch_pytree.tree_leaves((args, kwargs))
+    canonical = {}  # id(parameter) -> its named_parameters() name (tied weights: the first)
+    for name, p in module.named_parameters():
+        canonical.setdefault(id(p), name)
+    values: dict[str, Any] = {}
+    n_inputs = 0
+    for spec in program.graph_signature.input_specs:
+        if spec.kind == InputKind.PARAMETER:
+            values[spec.arg.name] = params[canonical[id(module.get_parameter(spec.target))]]
+        elif spec.kind == InputKind.BUFFER:
+            values[spec.arg.name] = module.get_buffer(spec.target)
+        elif spec.kind == InputKind.USER_INPUT:
+            values[spec.arg.name] = leaves[n_inputs]
+            n_inputs += 1
+        else:
+            raise Uncacheable(f"a {spec.kind.name} input")
+
+    def materialize(v: Any) -> Any:
+        if isinstance(v, torch.fx.Node):
+            return values[v.name]
+        if isinstance(v, (list, tuple)):
+            return type(v)(materialize(x) for x in v)
+        if isinstance(v, dict):
+            return {k: materialize(x) for k, x in v.items()}
+        return v
+
+    for node in program.graph.nodes:
+        if node.op == "call_function":
+            values[node.name] = node.target(*materialize(node.args), **materialize(node.kwargs))
+    out = []
+    for spec in program.graph_signature.output_specs:
+        if spec.kind.name == "USER_OUTPUT":
+            out.append(spec.arg.value if not hasattr(spec.arg, "name") or not spec.arg.name
+                       else values[spec.arg.name])
+    return out
+
+
+def reproduces(program: CachedProgram, module: torch.nn.Module, args: tuple, kwargs: dict,
+               run_module: Callable[..., Any]) -> bool:
+    """Whether `program` gives the module's output and parameter gradients on this input.
+
+    `run_module(params, args, kwargs)` runs the module itself (in the export's train/eval mode) with
+    the parameters `params`. The gradient is that of ⟨v, output⟩ for a random cotangent v per
+    floating-point output, with respect to every floating-point parameter.
+    """
+    try:
+        return _reproduces(program, module, args, kwargs, run_module)
+    except Exception:  # noqa: BLE001 - the stored program does not run like the module: not usable
+        return False
+
+
+def _reproduces(program: CachedProgram, module: torch.nn.Module, args: tuple, kwargs: dict,
+                run_module: Callable[..., Any]) -> bool:
+    params = {name: p.detach().clone().requires_grad_(p.is_floating_point())
+              for name, p in module.named_parameters()}
+    wanted = [name for name, p in params.items() if p.requires_grad]
+    expected = torch_pytree.tree_leaves(run_module(params, args, kwargs))
+    got = run_in_torch(program, module, params, args, kwargs)
+    if len(expected) != len(got):
+        return False
+    generator = torch.Generator().manual_seed(0)
+    loss_e: Any = 0.0
+    loss_g: Any = 0.0
+    for e, g in zip(expected, got):
+        if not isinstance(e, torch.Tensor) or not isinstance(g, torch.Tensor):
+            if isinstance(e, torch.Tensor) or isinstance(g, torch.Tensor) or e != g:
+                return False
+            continue
+        if e.shape != g.shape or e.dtype != g.dtype or not _close(e.detach(), g.detach()):
+            return False
+        if e.is_floating_point():
+            if e.requires_grad != g.requires_grad:
+                return False  # one of them detaches this output
+            if e.requires_grad and e.numel():
+                v = torch.randn(e.shape, generator=generator, dtype=torch.float64).to(e.dtype)
+                loss_e = loss_e + (v * e).sum()
+                loss_g = loss_g + (v * g).sum()
+    if not wanted or not isinstance(loss_e, torch.Tensor):
+        return True
+    inputs = [params[name] for name in wanted]
+    grads_e = torch.autograd.grad(loss_e, inputs, allow_unused=True)
+    grads_g = torch.autograd.grad(loss_g, inputs, allow_unused=True)
+    for a, b in zip(grads_e, grads_g):
+        a = torch.zeros_like(b) if a is None and b is not None else a
+        b = torch.zeros_like(a) if b is None and a is not None else b
+        if a is not None and not _close(a, b):
+            return False
+    return True
+
+
+def _close(expected: torch.Tensor, got: torch.Tensor) -> bool:
+    """Equal to within float rounding of a reordered computation (relative to the largest entry)."""
+    if not expected.is_floating_point() and not expected.is_complex():
+        return bool(torch.equal(expected, got))
+    if not expected.numel():
+        return True
+    finite = expected.isfinite()
+    if not torch.equal(finite, got.isfinite()) or not torch.equal(expected[~finite], got[~finite]):
+        return False
+    if not finite.any():
+        return True
+    scale = float(expected[finite].abs().max())
+    error = float((expected[finite] - got[finite]).abs().max())
+    return error <= 1e3 * torch.finfo(expected.dtype).eps * max(scale, 1e-30)
+
+
+# ---------------------------------------------------------------- load / store
+
+
+def load(key: str | None, module: torch.nn.Module, args: tuple, kwargs: dict,
+         run_module: Callable[..., Any]) -> CachedProgram | None:
+    """The stored program for `key`, if there is one and it reproduces the module (else None)."""
+    where = directory()
+    if key is None or where is None:
+        return None
+    path = where / f"{key}.json"
+    try:
+        data = json.loads(path.read_text())
+        if data.get("version") != _VERSION:
+            return None
+        program = decode(data)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError):
+        return None
+    return program if reproduces(program, module, args, kwargs, run_module) else None
+
+
+def store(key: str | None, program: Any) -> bool:
+    """Stores `program` under `key`; False (nothing written) if it cannot be stored."""
+    where = directory()
+    if key is None or where is None:
+        return False
+    try:
+        text = json.dumps(encode(program))
+    except Exception:  # noqa: BLE001 - Uncacheable, or a program shape this encoder does not know
+        return False
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        tmp = where / f".{key}.{os.getpid()}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, where / f"{key}.json")
+    except OSError:
+        return False
+    return True
+
+
+__all__ = ["CachedProgram", "Uncacheable", "decode", "directory", "encode", "fingerprint", "load",
+           "reproduces", "run_in_torch", "store"]
