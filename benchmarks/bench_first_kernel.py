@@ -127,6 +127,7 @@ def _install_entk_probes() -> tuple[dict, dict]:
 
     import entk.adapters
     import entk.algorithms.cost as cost
+    import entk.algorithms.device as device
     from entk.adapters.torch import export
 
     phases: dict[str, Any] = {"convert_s": 0.0, "auto_select_s": 0.0, "calibrate_s": 0.0,
@@ -152,7 +153,7 @@ def _install_entk_probes() -> tuple[dict, dict]:
 
     wrap(entk.adapters, "to_model", "convert_s")
     wrap(cost, "select", "auto_select_s")
-    wrap(cost, "_measure", "calibrate_s")  # the cost model's micro-benchmark (cold cache only)
+    wrap(device, "_measure", "calibrate_s")  # the cost model's micro-benchmark (cold cache only)
     wrap(export, "_cached_export", "export_s")  # torch.export, or a stored program read and checked
 
     def on_duration(event: str, secs: float, **_: Any) -> None:
@@ -412,6 +413,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per process")
     parser.add_argument("--out", default=os.path.join(RESULTS, "first_kernel"),
                         help="path prefix of the .md and .json results")
+    parser.add_argument("--keep-others", action="store_true",
+                        help="keep the results of other cases already in --out's JSON (e.g. "
+                             "the long resnet50_n8,bert_n8 measured in a separate run)")
     parser.add_argument("--worker", choices=("entk", "func"), help=argparse.SUPPRESS)
     parser.add_argument("--kernel-path", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -424,18 +428,26 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown cases {unknown}; known: {list(CASES)}")
     command = "python -m benchmarks.bench_first_kernel " + " ".join(sys.argv[1:])
-    results = []
+    commands, kept = [command], {}
+    if args.keep_others and os.path.exists(args.out + ".json"):
+        with open(args.out + ".json") as f:
+            earlier = json.load(f)
+        kept = {r["case"]: r for r in earlier["results"] if r["case"] not in cases}
+        commands = [c for c in earlier.get("commands", [earlier["command"]]) if c != command] + commands
+    results: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="entk-first-kernel-") as workdir:
         for case in cases:
             print(f"== {case}: {CASES[case]}", flush=True)
             results.append(bench_case(case, args.repeats, args.timeout, workdir))
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            table = markdown(results, command, args.repeats)
+            done = {r["case"]: r for r in results} | kept
+            ordered = [done[c] for c in CASES if c in done]
+            table = markdown(ordered, "` and `".join(commands), args.repeats)
             with open(args.out + ".md", "w") as f:
                 f.write(table)
             with open(args.out + ".json", "w") as f:
-                json.dump({"command": command, "repeats": args.repeats, "results": results}, f,
-                          indent=1)
+                json.dump({"command": command, "commands": commands, "repeats": args.repeats,
+                           "results": ordered}, f, indent=1)
     print("\n" + table)
 
 

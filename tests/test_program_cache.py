@@ -1,7 +1,8 @@
 """Exported programs on disk (`entk/adapters/torch/program_cache.py`): a new process converting the same
 module skips torch.export, and a stored program is used only if it is still the module's program.
 
-References: torch.func's Jacobians of the module itself (float64), and the kernel of a fresh export.
+References: torch.func's Jacobians of the module itself (float64, `tests/torch_reference.py`), and the
+kernel of a fresh export.
 """
 
 import json
@@ -19,18 +20,7 @@ torch = pytest.importorskip("torch")
 import entk  # noqa: E402
 from entk.adapters import torch as entk_torch  # noqa: E402
 from entk.adapters.torch import program_cache  # noqa: E402
-
-
-def _func_ntk(module: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
-    """Θ(x, x) traced over the outputs, from torch.func's per-example Jacobians of the module."""
-    params = {n: p.detach() for n, p in module.named_parameters()}
-
-    def single(p, xi):
-        return torch.func.functional_call(module, p, (xi[None],))[0]
-
-    jac = torch.func.vmap(torch.func.jacrev(single), (None, 0))(params, x)
-    flat = torch.cat([j.reshape(x.shape[0], j.shape[1], -1) for j in jac.values()], dim=-1)
-    return (torch.einsum("naf,maf->nm", flat, flat) / flat.shape[1]).numpy()
+from tests.torch_reference import torch_func_ntk  # noqa: E402
 
 
 @pytest.fixture
@@ -83,11 +73,38 @@ def test_stored_program_gives_the_fresh_kernel(cache_dir):
     assert type(second.info["exported_program"]).__name__ == "CachedProgram"
     stored = np.asarray(entk.ntk(second, x))
     np.testing.assert_allclose(stored, fresh, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(stored, _func_ntk(module, x), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(stored, torch_func_ntk(module, x, x), rtol=1e-10, atol=1e-12)
     # another batch size through the dynamic batch axis of the stored program
     x3 = torch.randn(3, 2, 4, 4, dtype=torch.float64)
-    np.testing.assert_allclose(np.asarray(entk.ntk(second, x3)), _func_ntk(module, x3),
+    np.testing.assert_allclose(np.asarray(entk.ntk(second, x3)), torch_func_ntk(module, x3, x3),
                                rtol=1e-10, atol=1e-12)
+
+
+class _TwoInputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(3, 4)
+        self.b = torch.nn.Linear(2, 4)
+
+    def forward(self, first, second):
+        return {"sum": torch.tanh(self.a(first) + self.b(second)), "first": self.a(first)}
+
+
+def test_keyword_inputs_and_dict_outputs(cache_dir):
+    torch.manual_seed(0)
+    module = _TwoInputs().double()
+    x = {"second": torch.randn(3, 2, dtype=torch.float64),  # not in the signature's order
+         "first": torch.randn(3, 3, dtype=torch.float64)}
+    first = entk_torch.from_torch(module, x)
+    assert first.info["program_cache"] == "stored"
+    entk_torch.clear_cache()
+    second = entk_torch.from_torch(module, x)
+    assert second.info["program_cache"] == "hit"
+    out = second(x)
+    with torch.no_grad():
+        expected = module(**x)
+    for key in ("sum", "first"):
+        np.testing.assert_allclose(np.asarray(out[key]), expected[key].numpy(), rtol=1e-13)
 
 
 def test_a_changed_helper_is_caught_by_the_check(cache_dir, monkeypatch):
@@ -99,7 +116,7 @@ def test_a_changed_helper_is_caught_by_the_check(cache_dir, monkeypatch):
     changed = entk_torch.from_torch(module, x)
     assert changed.info["program_cache"] == "stored"  # checked, refused, exported afresh
     assert len(list(cache_dir.glob("*.json"))) == 1  # the same key, replaced
-    np.testing.assert_allclose(np.asarray(entk.ntk(changed, x)), _func_ntk(module, x),
+    np.testing.assert_allclose(np.asarray(entk.ntk(changed, x)), torch_func_ntk(module, x, x),
                                rtol=1e-10, atol=1e-12)
 
 
@@ -115,18 +132,40 @@ def test_changed_attributes_and_shapes_are_other_keys(cache_dir):
     assert len(list(cache_dir.glob("*.json"))) == 3
 
 
+class _WithConstant(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+        self.scale = torch.linspace(1.0, 2.0, 3)  # a plain tensor attribute: a lifted constant
+
+    def forward(self, x):
+        return self.lin(x * self.scale)
+
+
+def test_tensor_attributes_are_read_from_the_module(cache_dir):
+    torch.manual_seed(0)
+    module, x = _WithConstant(), torch.randn(4, 3)
+    assert entk_torch.from_torch(module, x).info["program_cache"] == "stored"
+    entk_torch.clear_cache()
+    assert entk_torch.from_torch(module, x).info["program_cache"] == "hit"
+    module.scale.mul_(3.0)  # in place: the stored program reads the module's tensor, as an export does
+    model = entk_torch.from_torch(module, x)
+    with torch.no_grad():
+        expected = module(x).numpy()
+    np.testing.assert_allclose(np.asarray(model(x)), expected, rtol=1e-6)
+
+
 def test_not_stored_or_off(cache_dir, monkeypatch):
-    class WithConstant(torch.nn.Module):
+    class MadeInForward(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.lin = torch.nn.Linear(3, 2)
-            self.scale = torch.linspace(1.0, 2.0, 3)  # a plain tensor attribute: a lifted constant
 
         def forward(self, x):
-            return self.lin(x * self.scale)
+            return self.lin(x * torch.tensor([1.0, 2.0, 3.0]))  # a constant no attribute holds
 
     x = torch.randn(4, 3)
-    assert entk_torch.from_torch(WithConstant(), x).info["program_cache"] == "not stored"
+    assert entk_torch.from_torch(MadeInForward(), x).info["program_cache"] == "not stored"
     monkeypatch.setenv("ENTK_PROGRAM_CACHE", "0")
     assert program_cache.directory() is None
     assert entk_torch.from_torch(torch.nn.Linear(3, 2), x).info["program_cache"] == "off"
@@ -182,7 +221,7 @@ def _reference(folder: pathlib.Path) -> np.ndarray:
         torch.manual_seed(0)
         module = model_file.Net().double().eval()
         x = torch.randn(4, 6, dtype=torch.float64)
-        return _func_ntk(module, x)
+        return torch_func_ntk(module, x, x)
     finally:
         sys.path.remove(str(folder))
         sys.modules.pop("model_file", None)
@@ -205,3 +244,16 @@ def test_a_second_process_skips_torch_export_until_the_code_changes(tmp_path):
     expected = _reference(folder)
     np.testing.assert_allclose(third["kernel"], expected, rtol=1e-10, atol=1e-12)
     assert not np.allclose(expected, first["kernel"])
+
+
+def test_least_recently_used_programs_are_evicted(cache_dir, monkeypatch):
+    x = torch.randn(4, 3)
+    first = torch.nn.Linear(3, 2)
+    entk_torch.from_torch(first, x)
+    (old,) = cache_dir.glob("*.json")
+    os.utime(old, (1, 1))  # long unused
+    monkeypatch.setattr(program_cache, "MAX_BYTES", int(1.5 * old.stat().st_size))
+    second = torch.nn.Linear(3, 2, bias=False)
+    assert entk_torch.from_torch(second, x).info["program_cache"] == "stored"
+    left = list(cache_dir.glob("*.json"))
+    assert len(left) == 1 and left[0] != old

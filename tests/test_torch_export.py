@@ -348,9 +348,11 @@ def test_bridge_mode_ntk_matches_torch_func_fp64(ntk_problem, name):
     """The same models kept in torch (mode="bridge"): JC and NTVP against the same reference."""
     module, x1, x2, _, reference = ntk_problem(name)
     model = from_torch(module, x1, mode="bridge")
-    for strategy in ("jc", "ntvp"):
-        kernel = entk.empirical_ntk_fn(model, implementation=strategy)(
-            to_jax(x1), None if x2 is None else to_jax(x2), model.params)
+    strategies = ("jc", "ntvp")
+    kernel_fns = [entk.empirical_ntk_fn(model, implementation=s) for s in strategies]
+    kernels = _compiled(lambda a, b, p: [fn(a, b, p) for fn in kernel_fns],  # one compilation
+                        to_jax(x1), None if x2 is None else to_jax(x2), model.params)
+    for strategy, kernel in zip(strategies, kernels):
         np.testing.assert_allclose(np.asarray(kernel), reference, rtol=0,
                                    atol=1e-10 * np.max(np.abs(reference)), err_msg=strategy)
     expected = "double vjp" if name in ATTENTION_CASES else "torch.func.jvp"
@@ -365,8 +367,8 @@ def test_sd_is_available():
 
 
 def test_ntk_with_vmap_axes_exports_single_examples(ntk_problem):
-    """With vmap_axes the strategies call the model on batches of one, which the dynamic-batch
-    export (batch ≥ 2) does not cover: the module is exported again for that shape, once."""
+    """With vmap_axes the strategies call the model on batches of one (the dynamic-batch program
+    covers them, or the module is exported again for that shape, once)."""
     module, x1, x2, model, reference = ntk_problem("small_cnn")
     kernel_fn = entk.empirical_ntk_fn(model, vmap_axes=0, implementation="jc")
     kernel = _compiled(kernel_fn, to_jax(x1), to_jax(x2), model.params)
@@ -386,12 +388,47 @@ def test_entk_ntk_takes_and_returns_torch_tensors_and_reuses_the_conversion(ntk_
         assert isinstance(kernel, torch.Tensor) and kernel.dtype == torch.float64
         np.testing.assert_allclose(kernel.numpy(), reference, rtol=0,
                                    atol=1e-10 * np.max(np.abs(reference)))
-        # converted by the fixture already: at most the per-example program (batch 1, which the
-        # dynamic-batch export does not cover) is exported, once, unless an earlier test did
-        assert len(exports) <= (0 if call else 1) and set(exports) <= {1}, exports
+        # converted by the fixture already, and its dynamic batch axis covers batch 1 (the
+        # per-example program): nothing is exported again
+        assert exports == [], exports
         exports.clear()
     # the fixture's conversion, read again (a new Model holding the current weights)
     assert from_torch(module, x1, mode="export").apply_with_state is model.apply_with_state
+
+
+def test_one_export_serves_batch_one_unless_the_code_treats_it_differently(monkeypatch):
+    """The batch axis is exported dynamic from size 1 (per-example computation needs batch 1); a
+    module that computes something else at batch size 1 gets the sizes ≥ 2 program and a batch-1
+    export (torch.func's reference calls it on batches of one too)."""
+    monkeypatch.setenv("ENTK_PROGRAM_CACHE", "0")  # count real exports
+    exports = []
+    original = torch_export.export_module
+    monkeypatch.setattr(torch_export, "export_module",
+                        lambda *a, **k: exports.append(a[1][0].shape[0]) or original(*a, **k))
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return torch.tanh(self.lin(x))
+
+    class BranchesOnOne(Plain):
+        def forward(self, x):
+            if x.shape[0] == 1:  # torch.export assumes it is not taken for sizes ≥ 1
+                return 2.0 * torch.tanh(self.lin(x[0]))[None]
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    for cls, exported in ((Plain, [4]), (BranchesOnOne, [4, 1])):
+        module = cls().double()
+        kernel = entk.ntk(module, x, vmap_axes=0, implementation="jc")
+        assert exports == exported, (cls.__name__, exports)
+        reference = torch_func_ntk(module, x, x)
+        np.testing.assert_allclose(kernel.numpy(), reference, rtol=1e-12, atol=1e-12)
+        exports.clear()
 
 
 # ---------------------------------------------------------------- conversion details

@@ -245,6 +245,12 @@ def from_torch(module: Any, example_input: Any, mode: str = "auto", *,
       forward reads, tensors held outside the registered ones: see `guards.py`); then it converts
       the module again. A model returned earlier keeps the values it was returned with.
 
+      Exported programs are also kept on disk (`$ENTK_CACHE_DIR/torch-programs`, `program_cache.py`):
+      a new process converting the same module reads its program instead of running torch.export,
+      once PyTorch has checked that it reproduces the module's output and parameter gradients on
+      `example_input`; `model.info["program_cache"]` says what happened ("hit", "stored", "not
+      stored" or "off"; `ENTK_PROGRAM_CACHE=0` turns it off).
+
     Raises:
       UnsupportedOpsError / ExportError (in `mode="export"`): the ATen ops without a translation
         (with the module path and source line of each), or why torch.export failed (e.g.

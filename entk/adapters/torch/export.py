@@ -195,17 +195,25 @@ def export_module(module: torch.nn.Module, args: tuple, kwargs: dict, *, trainin
                   batch_axis: int | None) -> torch.export.ExportedProgram:
     """`torch.export.export` + `run_decompositions()` (core ATen), in the requested mode.
 
-    The batch axis is first marked dynamic from size 1 up (one program then also serves the
-    per-example computation, batch 1; torch.export refuses the range if the model's code treats
-    size 1 differently), then `Dim.AUTO` (dynamic where the model allows, sizes ≥ 2), then static;
-    an `ExportError` reports why the last two failed.
+    In eval mode the batch axis is first marked dynamic from size 1 up, so that one program also
+    serves the per-example computation (batch 1). torch.export then assumes that size 1 behaves like
+    any other (it does not guard `x.shape[0] == 1`), so that program is kept only if PyTorch runs it
+    on the first example exactly as the module itself does (output and parameter gradients).
+    Otherwise, and in training mode: `Dim.AUTO` (dynamic where the model allows, sizes ≥ 2), then
+    static; an `ExportError` reports why those failed.
     """
     dynamic = _dynamic_shapes(module, args, kwargs, batch_axis)
     attempts = [(None, True)]
     if dynamic is not None:
-        attempts = [(_dynamic_shapes(module, args, kwargs, batch_axis, from_one=True), False),
-                    (dynamic, True)] + attempts
+        attempts = [(dynamic, True)] + attempts
+        if not training:
+            attempts.insert(0, (_dynamic_shapes(module, args, kwargs, batch_axis, from_one=True),
+                                False))
     error: Exception | None = None
+
+    def run_module(params: dict, args: tuple, kwargs: dict) -> Any:
+        return torch.func.functional_call(module, params, args, kwargs)
+
     with module_mode(module, training), _only_entk_warnings(), _quiet_torch_logs():
         for shapes, report in attempts:
             try:
@@ -226,6 +234,10 @@ def export_module(module: torch.nn.Module, args: tuple, kwargs: dict, *, trainin
                 continue
             with _autograd_errors_as_export_errors():
                 autograd_function.prepare_program(program)
+            if not report and not program_cache.reproduces(
+                    program, module, *program_cache.first_examples(args, kwargs, batch_axis, 1),
+                    run_module):
+                continue  # the model treats batch size 1 differently: sizes ≥ 2 only
             return program
     message = _describe_export_failure(module, args, kwargs, error)
     kind = InputDtypeError if message.startswith("example_input holds") else ExportError
@@ -248,7 +260,7 @@ def _cached_export(module: torch.nn.Module, args: tuple, kwargs: dict, *, traini
         with module_mode(module, training):
             return torch.func.functional_call(module, params, args, kwargs)
 
-    program = program_cache.load(key, module, args, kwargs, run_module)
+    program = program_cache.load(key, module, args, kwargs, run_module, batch_axis)
     if program is not None:
         return program, "hit"
     with warnings.catch_warnings(record=True) as caught:
@@ -258,7 +270,7 @@ def _cached_export(module: torch.nn.Module, args: tuple, kwargs: dict, *, traini
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
     if any(issubclass(w.category, autograd_semantics.ExportSemanticsWarning) for w in caught):
         return program, "not stored"
-    return program, "stored" if program_cache.store(key, program) else "not stored"
+    return program, "stored" if program_cache.store(key, program, module) else "not stored"
 
 
 @contextlib.contextmanager

@@ -21,9 +21,11 @@ must reproduce the module's own output and its gradient with respect to every fl
 parameter (for a random output cotangent) to within rounding; otherwise the module is exported
 afresh and the entry replaced. A stored program is a speed-up only, never a change of answer.
 
-Not stored (exported every time): programs holding tensor constants (they alias the module's storage),
-custom autograd Functions or other non-ATen ops, training-mode exports, and anything this module cannot
-encode. `ENTK_PROGRAM_CACHE=0` turns the cache off; `ENTK_PROGRAM_CACHE=/some/dir` moves it
+Tensor constants the program lifted (a plain tensor attribute, a Hugging Face non-persistent buffer)
+are stored by their attribute path and read from the module when the program is loaded, so they
+alias its storage as a fresh export's do. Not stored (exported every time): programs with constants
+that are not module attributes (tensors created in `forward`), custom autograd Functions or other
+non-ATen ops, training-mode exports, and anything this module cannot encode. `ENTK_PROGRAM_CACHE=0` turns the cache off; `ENTK_PROGRAM_CACHE=/some/dir` moves it
 (`entk/adapters/program_store.py`).
 """
 
@@ -35,6 +37,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import math
 import os
 import pathlib
 from typing import Any, Callable
@@ -122,12 +125,15 @@ def _file_hash_at(path: str, mtime_ns: int, size: int) -> str:
 # ---------------------------------------------------------------- encoding
 
 
-def encode(program: Any) -> dict:
-    """An exported program as JSON-ready data (raises `Uncacheable` for what cannot be stored)."""
+def encode(program: Any, module: torch.nn.Module) -> dict:
+    """`module`'s exported program as JSON-ready data (raises `Uncacheable` for what cannot be stored)."""
     from torch.export.graph_signature import ConstantArgument, TensorArgument
 
-    if any(isinstance(c, torch.Tensor) for c in program.constants.values()):
-        raise Uncacheable("the program holds tensor constants")
+    constants = {}
+    for name, value in program.constants.items():
+        if not isinstance(value, torch.Tensor) or _attribute(module, name) is not value:
+            raise Uncacheable(f"constant {name!r} is not a tensor attribute of the module")
+        constants[name] = [str(value.dtype).removeprefix("torch."), list(value.shape)]
     nodes = []
     graph = program.graph_module.graph
     for node in graph.nodes:
@@ -147,8 +153,9 @@ def encode(program: Any) -> dict:
     for node in graph.nodes:
         if node.op == "call_function" and "as_strided" in str(node.target):
             val = node.args[0].meta.get("val") if node.args else None
-            if val is not None and not all(isinstance(s, int) for s in val.stride()):
-                raise Uncacheable("as_strided of a tensor with symbolic strides")
+            if val is not None and not (all(isinstance(s, int) for s in val.stride())
+                                        and isinstance(val.storage_offset(), int)):
+                raise Uncacheable("as_strided of a tensor with a symbolic layout")
     signature = program.graph_signature
     inputs = [[spec.kind.name, spec.arg.name, spec.target] for spec in signature.input_specs]
     outputs = []
@@ -165,7 +172,17 @@ def encode(program: Any) -> dict:
     except Exception as e:  # noqa: BLE001 - a container type torch cannot serialize
         raise Uncacheable(f"the input/output structure: {e}") from None
     return {"version": _VERSION, "nodes": nodes, "inputs": inputs, "outputs": outputs,
-            "in_spec": in_spec, "out_spec": out_spec}
+            "constants": constants, "in_spec": in_spec, "out_spec": out_spec}
+
+
+def _attribute(module: torch.nn.Module, path: str) -> Any:
+    """The tensor at attribute path `path` of `module` (e.g. `embeddings.position_ids`), or None."""
+    obj: Any = module
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj if isinstance(obj, torch.Tensor) else None
 
 
 def _encode_target(node: Any) -> Any:
@@ -269,8 +286,8 @@ class _CallSpec:
     out_spec: Any
 
 
-def decode(data: dict) -> CachedProgram:
-    """The program `encode` stored."""
+def decode(data: dict, module: torch.nn.Module) -> CachedProgram:
+    """The program `encode` stored for `module` (its constants read from the module now)."""
     from torch.export import graph_signature as gs
 
     graph = torch.fx.Graph()
@@ -295,9 +312,15 @@ def decode(data: dict) -> CachedProgram:
         arg = (gs.ConstantArgument(name="", value=_decode_value(value, env)) if arg_kind == "constant"
                else gs.TensorArgument(name=env[value].name))
         outputs.append(gs.OutputSpec(kind=gs.OutputKind[kind], arg=arg, target=target))
+    constants = {}
+    for name, (dtype, shape) in data["constants"].items():
+        value = _attribute(module, name)
+        if value is None or value.dtype != getattr(torch, dtype) or list(value.shape) != shape:
+            raise ValueError(f"constant {name!r} is not the module's tensor it was")
+        constants[name] = value
     return CachedProgram(_Holder(graph), gs.ExportGraphSignature(inputs, outputs),
                          _CallSpec(torch_pytree.treespec_loads(data["in_spec"]),
-                                   torch_pytree.treespec_loads(data["out_spec"])))
+                                   torch_pytree.treespec_loads(data["out_spec"])), constants)
 
 
 def _decode_target(record: list) -> Any:
@@ -354,8 +377,12 @@ def run_in_torch(program: CachedProgram, module: torch.nn.Module, params: dict, 
                  kwargs: dict) -> list:
     """The program's user outputs, computed by PyTorch's own ATen ops (with autograd) from `params`
     (named_parameters() names), the module's buffers and the inputs."""
-    from torch.export.graph_signature import InputKind
+    from torch.export.graph_signature import ConstantArgument, InputKind
 
+    if kwargs:  # in the order the program's input spec lists them
+        spec = program.call_spec.in_spec
+        children = spec.children() if hasattr(spec, "children") else spec.children_specs
+        kwargs = {key: kwargs[key] for key in children[1].context}
     leaves = torch_pytree.tree_leaves((args, kwargs))
     canonical = {}  # id(parameter) -> its named_parameters() name (tied weights: the first)
     for name, p in module.named_parameters():
@@ -367,6 +394,8 @@ def run_in_torch(program: CachedProgram, module: torch.nn.Module, params: dict, 
             values[spec.arg.name] = params[canonical[id(module.get_parameter(spec.target))]]
         elif spec.kind == InputKind.BUFFER:
             values[spec.arg.name] = module.get_buffer(spec.target)
+        elif spec.kind == InputKind.CONSTANT_TENSOR:
+            values[spec.arg.name] = program.constants[spec.target]
         elif spec.kind == InputKind.USER_INPUT:
             values[spec.arg.name] = leaves[n_inputs]
             n_inputs += 1
@@ -385,12 +414,8 @@ def run_in_torch(program: CachedProgram, module: torch.nn.Module, params: dict, 
     for node in program.graph.nodes:
         if node.op == "call_function":
             values[node.name] = node.target(*materialize(node.args), **materialize(node.kwargs))
-    out = []
-    for spec in program.graph_signature.output_specs:
-        if spec.kind.name == "USER_OUTPUT":
-            out.append(spec.arg.value if not hasattr(spec.arg, "name") or not spec.arg.name
-                       else values[spec.arg.name])
-    return out
+    return [spec.arg.value if isinstance(spec.arg, ConstantArgument) else values[spec.arg.name]
+            for spec in program.graph_signature.output_specs if spec.kind.name == "USER_OUTPUT"]
 
 
 def reproduces(program: CachedProgram, module: torch.nn.Module, args: tuple, kwargs: dict,
@@ -409,7 +434,7 @@ def reproduces(program: CachedProgram, module: torch.nn.Module, args: tuple, kwa
 
 def _reproduces(program: CachedProgram, module: torch.nn.Module, args: tuple, kwargs: dict,
                 run_module: Callable[..., Any]) -> bool:
-    params = {name: p.detach().clone().requires_grad_(p.is_floating_point())
+    params = {name: p.detach().requires_grad_(p.is_floating_point())  # new leaves, same storage
               for name, p in module.named_parameters()}
     wanted = [name for name, p in params.items() if p.requires_grad]
     expected = torch_pytree.tree_leaves(run_module(params, args, kwargs))
@@ -452,22 +477,26 @@ def _close(expected: torch.Tensor, got: torch.Tensor) -> bool:
         return bool(torch.equal(expected, got))
     if not expected.numel():
         return True
+    tolerance = 1e3 * torch.finfo(expected.dtype).eps
+    error, scale = float((expected - got).abs().max()), float(expected.abs().max())
+    if math.isfinite(error) and math.isfinite(scale):  # the common case, two passes
+        return error <= tolerance * max(scale, 1e-30)
     finite = expected.isfinite()
     if not torch.equal(finite, got.isfinite()) or not torch.equal(expected[~finite], got[~finite]):
         return False
     if not finite.any():
         return True
     scale = float(expected[finite].abs().max())
-    error = float((expected[finite] - got[finite]).abs().max())
-    return error <= 1e3 * torch.finfo(expected.dtype).eps * max(scale, 1e-30)
+    return float((expected[finite] - got[finite]).abs().max()) <= tolerance * max(scale, 1e-30)
 
 
 # ---------------------------------------------------------------- load / store
 
 
 def load(key: str | None, module: torch.nn.Module, args: tuple, kwargs: dict,
-         run_module: Callable[..., Any]) -> CachedProgram | None:
-    """The stored program for `key`, if there is one and it reproduces the module (else None)."""
+         run_module: Callable[..., Any], batch_axis: int | None = None) -> CachedProgram | None:
+    """The stored program for `key`, if there is one and it reproduces the module on `(args,
+    kwargs)` (on the examples `check_inputs` picks along `batch_axis`), else None."""
     where = directory()
     if key is None or where is None:
         return None
@@ -476,19 +505,70 @@ def load(key: str | None, module: torch.nn.Module, args: tuple, kwargs: dict,
         data = json.loads(path.read_text())
         if data.get("version") != _VERSION:
             return None
-        program = decode(data)
+        program = decode(data, module)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError):
         return None
-    return program if reproduces(program, module, args, kwargs, run_module) else None
+    if not all(reproduces(program, module, a, k, run_module)
+               for a, k in check_inputs(program, args, kwargs, batch_axis)):
+        return None
+    try:
+        os.utime(path)  # recently used: evicted last (see `store`)
+    except OSError:
+        pass
+    return program
 
 
-def store(key: str | None, program: Any) -> bool:
-    """Stores `program` under `key`; False (nothing written) if it cannot be stored."""
+CHECK_EXAMPLES = 2
+"""Examples the check runs on where the program's batch axis is dynamic: it costs a forward and a
+backward pass of the module and of the program on what it is given (two, so that examples meet;
+and one more check on a single example where the program also serves batch 1)."""
+
+
+def check_inputs(program: Any, args: tuple, kwargs: dict,
+                 batch_axis: int | None) -> list[tuple[tuple, dict]]:
+    """The inputs a program is checked on: its first `CHECK_EXAMPLES` examples, and its first one
+    where the program's range includes batch 1, if every input's `batch_axis` is one dynamic size
+    of the program (a `torch.export` program or a stored one); else the inputs as they are."""
+    leaves = torch_pytree.tree_leaves((args, kwargs))
+    if batch_axis is None or not leaves:
+        return [(args, kwargs)]
+    names = {spec.arg.name for spec in program.graph_signature.input_specs
+             if spec.kind.name == "USER_INPUT"}
+    shapes = [input_dims(n.meta["val"].shape, program.range_constraints)
+              for n in program.graph.nodes if n.op == "placeholder" and n.name in names]
+    dims = {s[batch_axis] if len(s) > batch_axis else None for s in shapes}
+    sizes = {t.shape[batch_axis] for t in leaves if isinstance(t, torch.Tensor) and t.ndim > batch_axis}
+    if len(shapes) != len(leaves) or len(dims) != 1 or len(sizes) != 1:
+        return [(args, kwargs)]
+    (dim,), (size,) = dims, sizes
+    if not isinstance(dim, tuple) or dim[0] != "sym":
+        return [(args, kwargs)]
+    _, _, lower, upper = dim
+    lower = 0 if lower is None else lower
+    n = min(size, CHECK_EXAMPLES)
+    checks = [first_examples(args, kwargs, batch_axis, n) if lower <= n and (
+        upper is None or n <= upper) else (args, kwargs)]
+    if lower <= 1 < size:
+        checks.append(first_examples(args, kwargs, batch_axis, 1))
+    return checks
+
+
+def first_examples(args: tuple, kwargs: dict, batch_axis: int, n: int) -> tuple[tuple, dict]:
+    """`(args, kwargs)` cut to their first `n` examples along `batch_axis` (tensors without that
+    axis as they are)."""
+    def cut(t: Any) -> Any:
+        return t.narrow(batch_axis, 0, n) if isinstance(t, torch.Tensor) and t.ndim > batch_axis else t
+
+    return torch_pytree.tree_map(cut, (args, kwargs))
+
+
+def store(key: str | None, program: Any, module: torch.nn.Module) -> bool:
+    """Stores `module`'s `program` under `key`; False (nothing written) if it cannot be stored."""
     where = directory()
     if key is None or where is None:
         return False
     try:
-        text = json.dumps(encode(program))
+        text = json.dumps(encode(program, module))
     except Exception:  # noqa: BLE001 - Uncacheable, or a program shape this encoder does not know
         return False
     try:
@@ -498,7 +578,29 @@ def store(key: str | None, program: Any) -> bool:
         os.replace(tmp, where / f"{key}.json")
     except OSError:
         return False
+    _evict(where)
     return True
+
+
+MAX_BYTES = 512 * 2**20
+"""The directory's size limit: past it, the least recently used programs are deleted (a ResNet-18's
+program is ~0.3 MB, a BERT-base's ~1 MB)."""
+
+
+def _evict(where: pathlib.Path) -> None:
+    try:
+        files = [(f.stat().st_mtime, f.stat().st_size, f) for f in where.glob("*.json")]
+    except OSError:
+        return
+    total = sum(size for _, size, _ in files)
+    for _, size, f in sorted(files, key=lambda t: t[0]):
+        if total <= MAX_BYTES:
+            break
+        try:
+            f.unlink()
+            total -= size
+        except OSError:
+            pass
 
 
 __all__ = ["CachedProgram", "Uncacheable", "decode", "directory", "encode", "fingerprint", "load",
