@@ -39,7 +39,8 @@ import jax.numpy as jnp
 import torch
 from torch.utils import _pytree as torch_pytree
 
-from entk.adapters.torch import aten, autograd_function, autograd_semantics, program_cache
+from entk.adapters.torch import (aten, autograd_function, autograd_semantics, program_cache,
+                                 program_check)
 from entk.adapters.torch.graph_translation import (  # noqa: F401 - the errors are re-exported here
     BRIDGE_HINT, GraphTranslation, TranslationError, UnsupportedOpsError, input_dims, numpy_dtype,
     tensor_to_jax)
@@ -234,8 +235,8 @@ def export_module(module: torch.nn.Module, args: tuple, kwargs: dict, *, trainin
                 continue
             with _autograd_errors_as_export_errors():
                 autograd_function.prepare_program(program)
-            if not report and not program_cache.reproduces(
-                    program, module, *program_cache.first_examples(args, kwargs, batch_axis, 1),
+            if not report and not program_check.reproduces(
+                    program, module, *program_check.first_examples(args, kwargs, batch_axis, 1),
                     run_module):
                 continue  # the model treats batch size 1 differently: sizes ≥ 2 only
             return program
