@@ -155,7 +155,7 @@ def test_tensor_attributes_are_read_from_the_module(cache_dir):
     np.testing.assert_allclose(np.asarray(model(x)), expected, rtol=1e-6)
 
 
-def test_not_stored_or_off(cache_dir, monkeypatch):
+def test_constants_made_in_forward_are_stored_by_value(cache_dir):
     class MadeInForward(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -164,8 +164,20 @@ def test_not_stored_or_off(cache_dir, monkeypatch):
         def forward(self, x):
             return self.lin(x * torch.tensor([1.0, 2.0, 3.0]))  # a constant no attribute holds
 
+    torch.manual_seed(0)
+    module, x = MadeInForward(), torch.randn(4, 3)
+    assert entk_torch.from_torch(module, x).info["program_cache"] == "stored"
+    entk_torch.clear_cache()
+    model = entk_torch.from_torch(module, x)
+    assert model.info["program_cache"] == "hit"
+    with torch.no_grad():
+        np.testing.assert_allclose(np.asarray(model(x)), module(x).numpy(), rtol=1e-6)
+
+
+def test_not_stored_or_off(cache_dir, monkeypatch):
     x = torch.randn(4, 3)
-    assert entk_torch.from_torch(MadeInForward(), x).info["program_cache"] == "not stored"
+    train_mode = entk_torch.from_torch(torch.nn.Linear(3, 2), x, training=True)
+    assert train_mode.info["program_cache"] == "not stored"  # no check run: it would train BatchNorm
     monkeypatch.setenv("ENTK_PROGRAM_CACHE", "0")
     assert program_cache.directory() is None
     assert entk_torch.from_torch(torch.nn.Linear(3, 2), x).info["program_cache"] == "off"

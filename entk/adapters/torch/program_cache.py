@@ -21,11 +21,12 @@ must reproduce the module's own output and its gradient with respect to every fl
 parameter (for a random output cotangent) to within rounding; otherwise the module is exported
 afresh and the entry replaced. A stored program is a speed-up only, never a change of answer.
 
-Tensor constants the program lifted (a plain tensor attribute, a Hugging Face non-persistent buffer)
-are stored by their attribute path and read from the module when the program is loaded, so they
-alias its storage as a fresh export's do. Not stored (exported every time): programs with constants
-that are not module attributes (tensors created in `forward`), custom autograd Functions or other
-non-ATen ops, training-mode exports, and anything this module cannot encode. `ENTK_PROGRAM_CACHE=0` turns the cache off; `ENTK_PROGRAM_CACHE=/some/dir` moves it
+Tensor constants the program lifted are stored by their attribute path where they are module
+attributes (a plain tensor attribute, a Hugging Face non-persistent buffer) and read from the module
+when the program is loaded, so they alias its storage as a fresh export's do; those `forward` makes
+itself (`torch.tensor(...)`) are stored by value (up to `MAX_CONSTANT_ELEMENTS`). Not stored
+(exported every time): custom autograd Functions or other non-ATen ops, training-mode exports, and
+anything this module cannot encode. `ENTK_PROGRAM_CACHE=0` turns the cache off; `ENTK_PROGRAM_CACHE=/some/dir` moves it
 (`entk/adapters/program_store.py`).
 """
 
@@ -50,7 +51,10 @@ from entk.adapters.torch import guards
 from entk.adapters.torch.graph_translation import RecordedTensor, SymbolicSize, input_dims
 from entk.adapters.torch.program_check import check_inputs, reproduces
 
-_VERSION = 1
+_VERSION = 2
+MAX_CONSTANT_ELEMENTS = 1 << 16
+"""Tensor constants `forward` makes itself (`torch.tensor(...)`, index tables) are stored by value up
+to this size; constants that are module attributes are read from the module instead."""
 # Python-level targets a core-ATen graph may call besides ATen ops (SymInt arithmetic, getitem):
 # module → allowed name prefix. Nothing else is stored or read back (a stored file names no code).
 _PY_TARGETS = {"_operator": "", "math": "", "torch": "sym_"}
@@ -132,9 +136,14 @@ def encode(program: Any, module: torch.nn.Module) -> dict:
 
     constants = {}
     for name, value in program.constants.items():
-        if not isinstance(value, torch.Tensor) or _attribute(module, name) is not value:
-            raise Uncacheable(f"constant {name!r} is not a tensor attribute of the module")
-        constants[name] = [str(value.dtype).removeprefix("torch."), list(value.shape)]
+        if not isinstance(value, torch.Tensor):
+            raise Uncacheable(f"constant {name!r} is not a tensor")
+        record = {"dtype": str(value.dtype).removeprefix("torch."), "shape": list(value.shape)}
+        if _attribute(module, name) is not value:  # made by forward's code: its values are stored
+            if value.numel() > MAX_CONSTANT_ELEMENTS or value.is_complex():
+                raise Uncacheable(f"constant {name!r} is large and not a tensor attribute")
+            record["values"] = value.detach().cpu().reshape(-1).tolist()
+        constants[name] = record
     nodes = []
     graph = program.graph_module.graph
     for node in graph.nodes:
@@ -314,9 +323,13 @@ def decode(data: dict, module: torch.nn.Module) -> CachedProgram:
                else gs.TensorArgument(name=env[value].name))
         outputs.append(gs.OutputSpec(kind=gs.OutputKind[kind], arg=arg, target=target))
     constants = {}
-    for name, (dtype, shape) in data["constants"].items():
+    for name, record in data["constants"].items():
+        dtype = getattr(torch, record["dtype"])
+        if "values" in record:
+            constants[name] = torch.tensor(record["values"], dtype=dtype).reshape(record["shape"])
+            continue
         value = _attribute(module, name)
-        if value is None or value.dtype != getattr(torch, dtype) or list(value.shape) != shape:
+        if value is None or value.dtype != dtype or list(value.shape) != record["shape"]:
             raise ValueError(f"constant {name!r} is not the module's tensor it was")
         constants[name] = value
     return CachedProgram(_Holder(graph), gs.ExportGraphSignature(inputs, outputs),
