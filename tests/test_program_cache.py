@@ -175,7 +175,16 @@ def test_constants_made_in_forward_are_stored_by_value(cache_dir):
 
 
 def test_not_stored_or_off(cache_dir, monkeypatch):
+    class ListHeld(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.extra = [torch.nn.Linear(3, 2)]  # not registered: lifted, aliasing the module
+
+        def forward(self, x):
+            return self.extra[0](x)
+
     x = torch.randn(4, 3)
+    assert entk_torch.from_torch(ListHeld(), x).info["program_cache"] == "not stored"
     train_mode = entk_torch.from_torch(torch.nn.Linear(3, 2), x, training=True)
     assert train_mode.info["program_cache"] == "not stored"  # no check run: it would train BatchNorm
     monkeypatch.setenv("ENTK_PROGRAM_CACHE", "0")

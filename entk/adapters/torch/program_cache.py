@@ -135,14 +135,21 @@ def encode(program: Any, module: torch.nn.Module) -> dict:
     from torch.export.graph_signature import ConstantArgument, TensorArgument
 
     constants = {}
+    held = None  # storages of every tensor the module holds, registered or not (a list's weights)
     for name, value in program.constants.items():
         if not isinstance(value, torch.Tensor):
             raise Uncacheable(f"constant {name!r} is not a tensor")
         record = {"dtype": str(value.dtype).removeprefix("torch."), "shape": list(value.shape)}
-        if _attribute(module, name) is not value:  # made by forward's code: its values are stored
+        if _attribute(module, name) is not value:
+            if held is None:
+                reached: list = []
+                guards.snapshot(module, reached)
+                held = {_storage(t) for t in reached if isinstance(t, torch.Tensor)}
+            if _storage(value) in held:  # e.g. a weight in a plain list: must alias the module
+                raise Uncacheable(f"constant {name!r} is module state with no attribute path")
             if value.numel() > MAX_CONSTANT_ELEMENTS or value.is_complex():
                 raise Uncacheable(f"constant {name!r} is large and not a tensor attribute")
-            record["values"] = value.detach().cpu().reshape(-1).tolist()
+            record["values"] = value.detach().cpu().reshape(-1).tolist()  # made by forward's code
         constants[name] = record
     nodes = []
     graph = program.graph_module.graph
@@ -183,6 +190,13 @@ def encode(program: Any, module: torch.nn.Module) -> dict:
         raise Uncacheable(f"the input/output structure: {e}") from None
     return {"version": _VERSION, "nodes": nodes, "inputs": inputs, "outputs": outputs,
             "constants": constants, "in_spec": in_spec, "out_spec": out_spec}
+
+
+def _storage(t: torch.Tensor) -> Any:
+    try:
+        return t.untyped_storage().data_ptr()
+    except RuntimeError:  # no storage (a functorch wrapper)
+        return ("id", id(t))
 
 
 def _attribute(module: torch.nn.Module, path: str) -> Any:
