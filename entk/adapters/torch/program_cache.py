@@ -25,8 +25,10 @@ Tensor constants the program lifted are stored by their attribute path where the
 attributes (a plain tensor attribute, a Hugging Face non-persistent buffer) and read from the module
 when the program is loaded, so they alias its storage as a fresh export's do; those `forward` makes
 itself (`torch.tensor(...)`) are stored by value (up to `MAX_CONSTANT_ELEMENTS`). Not stored
-(exported every time): custom autograd Functions or other non-ATen ops, training-mode exports, and
-anything this module cannot encode. `ENTK_PROGRAM_CACHE=0` turns the cache off; `ENTK_PROGRAM_CACHE=/some/dir` moves it
+(exported every time): programs with a constant that is module state without an attribute path (the
+weights of a submodule kept in a plain list: a stored copy would miss in-place edits), custom
+autograd Functions or other non-ATen ops, training-mode exports, and anything this module cannot
+encode. `ENTK_PROGRAM_CACHE=0` turns the cache off; `ENTK_PROGRAM_CACHE=/some/dir` moves it
 (`entk/adapters/program_store.py`).
 """
 
