@@ -211,10 +211,6 @@ def export_module(module: torch.nn.Module, args: tuple, kwargs: dict, *, trainin
             attempts.insert(0, (_dynamic_shapes(module, args, kwargs, batch_axis, from_one=True),
                                 False))
     error: Exception | None = None
-
-    def run_module(params: dict, args: tuple, kwargs: dict) -> Any:
-        return torch.func.functional_call(module, params, args, kwargs)
-
     with module_mode(module, training), _only_entk_warnings(), _quiet_torch_logs():
         for shapes, report in attempts:
             try:
@@ -237,12 +233,22 @@ def export_module(module: torch.nn.Module, args: tuple, kwargs: dict, *, trainin
                 autograd_function.prepare_program(program)
             if not report and not program_check.reproduces(
                     program, module, *program_check.first_examples(args, kwargs, batch_axis, 1),
-                    run_module):
+                    _module_runner(module, training)):
                 continue  # the model treats batch size 1 differently: sizes ≥ 2 only
             return program
     message = _describe_export_failure(module, args, kwargs, error)
     kind = InputDtypeError if message.startswith("example_input holds") else ExportError
     raise kind(message) from error
+
+
+def _module_runner(module: torch.nn.Module, training: bool) -> Any:
+    """`run(params, args, kwargs)`: the module itself with these parameters, in the export's
+    train/eval mode (what `program_check.reproduces` compares a program with)."""
+    def run(params: dict, args: tuple, kwargs: dict) -> Any:
+        with module_mode(module, training):
+            return torch.func.functional_call(module, params, args, kwargs)
+
+    return run
 
 
 def _cached_export(module: torch.nn.Module, args: tuple, kwargs: dict, *, training: bool,
@@ -252,16 +258,14 @@ def _cached_export(module: torch.nn.Module, args: tuple, kwargs: dict, *, traini
     Returns the program and what the disk cache did: "hit" (stored program used), "stored" (exported,
     then stored), "not stored" (exported; this program cannot be stored) or "off".
     """
+    if program_cache.directory() is None:
+        return export_module(module, args, kwargs, training=training, batch_axis=batch_axis), "off"
     key = program_cache.fingerprint(module, args, kwargs, training=training, batch_axis=batch_axis)
-    if key is None or program_cache.directory() is None:
-        state = "off" if program_cache.directory() is None else "not stored"
-        return export_module(module, args, kwargs, training=training, batch_axis=batch_axis), state
-
-    def run_module(params: dict, args: tuple, kwargs: dict) -> Any:
-        with module_mode(module, training):
-            return torch.func.functional_call(module, params, args, kwargs)
-
-    program = program_cache.load(key, module, args, kwargs, run_module, batch_axis)
+    if key is None:
+        program = export_module(module, args, kwargs, training=training, batch_axis=batch_axis)
+        return program, "not stored"
+    program = program_cache.load(key, module, args, kwargs, _module_runner(module, training),
+                                 batch_axis)
     if program is not None:
         return program, "hit"
     with warnings.catch_warnings(record=True) as caught:
