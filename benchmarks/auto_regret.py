@@ -1,6 +1,12 @@
 """How good is `implementation="auto"`? Every strategy timed on a zoo of cases, auto's pick, its regret.
 
     python -m benchmarks.auto_regret [--quick] [--out benchmarks/results/auto.md]
+    python -m benchmarks.auto_regret --zoo held-out --out benchmarks/results/auto_held_out.md
+
+`--zoo tuned` (default): the cases below, on which the cost model's rules and thresholds were tuned.
+`--zoo held-out`: `benchmarks/cost_validation.py`'s cases, which share none of them, to check auto on
+models it was not tuned on. Run it with a fresh `ENTK_CACHE_DIR` so auto decides (calibration
+included) instead of reading decisions cached by earlier runs.
 
 Per case and strategy: jit-compiled kernel, one warm-up, median of `--repeats` runs (steady state,
 compile time apart). Regret = time of auto's pick / time of the fastest strategy. Strategies are run
@@ -72,18 +78,25 @@ def run_case(builder, kwargs, n, traced, repeats):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="first 6 cases only")
+    parser.add_argument("--zoo", choices=("tuned", "held-out"), default="tuned")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results/auto.md")
     args = parser.parse_args()
-    cases = CASES[:6] if args.quick else CASES
+    if args.zoo == "held-out":
+        from benchmarks.cost_validation import CASES as cases
+    else:
+        cases = CASES
+    cases = cases[:6] if args.quick else cases
     results = {}
     for name, builder, kwargs, n, traced in cases:
         results[name] = run_case(builder, kwargs, n, traced, args.repeats)
         print(name, json.dumps(results[name]), flush=True)
     names = sorted({s for r in results.values() for s in r["times"]})
-    lines = [f"# auto's regret ({jax.devices()[0].device_kind}, jax {jax.__version__})", "",
+    lines = [f"# auto's regret, {args.zoo} zoo ({jax.devices()[0].device_kind}, "
+             f"jax {jax.__version__})", "",
              "Median of %d runs after warm-up, float32, vmap_axes=0. Regret = time of auto's pick / "
-             "time of the fastest. Reproduce: `python -m benchmarks.auto_regret`." % args.repeats, "",
+             "time of the fastest. Reproduce: `python -m benchmarks.auto_regret --zoo %s`."
+             % (args.repeats, args.zoo), "",
              "Auto's overhead: the cold decision (lowering every strategy; compiling and timing the "
              "two best when their predictions are within cost.MEASURE_WITHIN and cheap), in units of "
              "one compilation of the strategy it picked (budget: 2).", "",

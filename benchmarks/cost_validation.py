@@ -53,6 +53,13 @@ CASES = [  # name, builder, kwargs, N, traced -- none of these is in benchmarks/
                                                             "width": 48}, 8, True),
     ("embedding v200 t8 w32 N=8 O=5 traced", zoo.transformer, {"outputs": 5, "tokens": 8,
                                                                "width": 32, "vocab": 200}, 8, True),
+    ("mlp w512 d2 N=4 O=20 full", zoo.mlp, {"outputs": 20, "width": 512, "depth": 2,
+                                            "input_size": 32}, 4, False),
+    ("cnn-pool c32 16px N=4 O=1", zoo.cnn, {"outputs": 1, "channels": 32, "size": 16}, 4, True),
+    ("cnn-nopool c8 16px N=8 O=10 traced", zoo.cnn, {"outputs": 10, "channels": 8, "size": 16,
+                                                     "pool": False}, 8, True),
+    ("attention t16 w64 N=2 O=10 full", zoo.transformer, {"outputs": 10, "tokens": 16,
+                                                          "width": 64}, 2, False),
 ]
 
 

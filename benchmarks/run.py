@@ -45,6 +45,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+import entk  # noqa: E402,F401  (before JAX makes its backend, as a user imports it: entk/_xla_cpu.py)
+
 from benchmarks import networks  # noqa: E402
 from benchmarks.jax_tool import JaxTool, peak_rss_during  # noqa: E402
 
@@ -116,6 +118,9 @@ class NtWorker:
     def __init__(self, python: pathlib.Path, log_path: pathlib.Path):
         self.log = open(log_path, "w")
         env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+        # entk's XLA:CPU flag (entk/_xla_cpu.py) is jaxlib 0.10's; XLA 0.4.24 aborts on it.
+        flags = [f for f in env.get("XLA_FLAGS", "").split() if f != entk._xla_cpu.FLAG]
+        env["XLA_FLAGS"] = " ".join(flags)
         self.process = subprocess.Popen([str(python), str(ROOT / "benchmarks" / "peer_nt.py")],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=self.log, text=True, env=env, cwd=ROOT)

@@ -1,4 +1,5 @@
-"""A work-around for an XLA:CPU miscompilation that corrupts float32 Jacobians: set at `import entk`.
+"""XLA:CPU settings for jaxlib 0.10, set at `import entk`: one fusion miscompiles float32 Jacobians,
+another makes the convolutions of kernel computations slow.
 
 jaxlib 0.10's XLA:CPU hands fused reductions to YNNPACK (its "ynn" reduce fusion), and a fusion that
 chains reduce -> broadcast -> multiply -> reduce can return wrong values in float32 — off by a few
@@ -9,21 +10,27 @@ chain (the variance's cotangent is a reduction broadcast back and reduced again)
 Jacobian of timm's weight-standardized convolutions (`F.batch_norm(weight.reshape(1, out, -1))`,
 NF-ResNets) was 17% off, and SwinV2's eNTK 8e-4 off, while PyTorch's float32 agreed to 1e-6.
 
+The same release also hands single convolutions to YNNPACK ("individual_convolution"), which runs
+the batched and vmapped convolutions of eNTK computations slower than XLA's own: without it, on the
+benchmark CNN and WideResNet block (`benchmarks/networks.py`, float32, 2 cores) JC took 0.70-0.92x
+the time, NTVP 0.60-0.81x and SD 0.90-1.03x; the PyTorch small CNN's SD 0.80x; ResNet-18's SD and a
+plain forward and backward pass the same (within 2%).
+
 XLA reads its flags once, when JAX creates its CPU backend, so this appends
-`--xla_cpu_experimental_ynn_fusion_type=-reduce` to `XLA_FLAGS` at `import entk` if no JAX backend
-exists yet (the usual case: entk is imported before the first array is made). The flag only exists in
-the jaxlib versions listed in `AFFECTED_JAXLIB` (XLA aborts on unknown flags, so other versions are left
-alone), it removes only that fusion (the other XLA:CPU fusions stay), and a flag the user already set
-(`xla_cpu_experimental_ynn_fusion_type=...` in `XLA_FLAGS`) wins. `ENTK_XLA_CPU_WORKAROUND=0` turns it
-off. When the backend already exists, `apply()` returns False and nothing changes (set the flag in
-`XLA_FLAGS` before starting Python then).
+`--xla_cpu_experimental_ynn_fusion_type=-reduce,-individual_convolution` to `XLA_FLAGS` at
+`import entk` if no JAX backend exists yet (the usual case: entk is imported before the first array
+is made). The flag only exists in the jaxlib versions listed in `AFFECTED_JAXLIB` (XLA aborts on
+unknown flags, so other versions are left alone), it removes only those two fusion types (the other
+YNNPACK fusions stay), and a flag the user already set (`xla_cpu_experimental_ynn_fusion_type=...`
+in `XLA_FLAGS`) wins. `ENTK_XLA_CPU_WORKAROUND=0` turns it off. When the backend already exists,
+`apply()` returns False and nothing changes (set the flag in `XLA_FLAGS` before starting Python then).
 """
 
 from __future__ import annotations
 
 import os
 
-FLAG = "--xla_cpu_experimental_ynn_fusion_type=-reduce"
+FLAG = "--xla_cpu_experimental_ynn_fusion_type=-reduce,-individual_convolution"
 AFFECTED_JAXLIB = ((0, 10),)
 """(major, minor) jaxlib versions with the YNNPACK reduce fusion on by default (verified: 0.10.2)."""
 ENV_VAR = "ENTK_XLA_CPU_WORKAROUND"

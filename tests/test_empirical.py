@@ -78,6 +78,30 @@ def test_multi_axis_outputs(strategy, vmap_axes, trace_axes, diagonal_axes):
     assert_close(fn(x1, x2, params), reference("multi_axis", n2, trace_axes, diagonal_axes, False))
 
 
+@pytest.mark.parametrize("trace_axes, diagonal_axes", [((), ()), ((), (0,)), ((-1,), ())],
+                         ids=["full", "diag0", "traced"])
+@pytest.mark.parametrize("strategy, blocks", [pytest.param(s, True, id=s) for s in STRATEGIES]
+                         + [pytest.param("ntvp", False, id="ntvp-columns")])
+def test_output_leaves_with_the_batch_elsewhere(strategy, blocks, trace_axes, diagonal_axes,
+                                                monkeypatch):
+    """`vmap_axes` with a batch axis at another place in each output leaf: free in both leaves (NTVP's
+    per-pair path), diagonal in one and free in the other (NTVP's column path). `columns`: NTVP's
+    per-example kernels built by columns, as for outputs too large for whole blocks."""
+    from entk.algorithms import ntk_vector_products
+
+    if not blocks:
+        monkeypatch.setattr(ntk_vector_products, "BLOCK_ENTRIES", 0)
+    f0, params, x1, x2 = case("dict_outputs", 3)
+
+    def f(p, x):
+        out = f0(p, x)
+        return {"logits": out["logits"], "pair": jnp.moveaxis(out["pair"], 0, 1)}   # (2, N, 2)
+
+    fn = jitted(f, trace_axes, diagonal_axes, (0, {"logits": 0, "pair": 1}, {}), strategy)
+    expected = brute_force_ntk(f, x1, x2, params, trace_axes, diagonal_axes)
+    assert_close(fn(x1, x2, params), expected, what=f"{strategy} x1 vs x2")
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_under_jit(strategy):
     f, params, x1, x2 = case("conv_nhwc")

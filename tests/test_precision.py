@@ -139,7 +139,7 @@ with warnings.catch_warnings(record=True) as caught:
 {after}
 import jax, os
 err = float(np.nanmax(np.abs(np.asarray(jax.jit(chain)(g, c)) - exact)) / np.abs(exact).max())
-flag = "--xla_cpu_experimental_ynn_fusion_type=-reduce" in os.environ.get("XLA_FLAGS", "")
+flag = entk._xla_cpu.FLAG in os.environ.get("XLA_FLAGS", "").split()
 warned = any("YNNPACK" in str(w.message) for w in caught)
 print(flag, warned, "exact" if err < 1e-5 else "WRONG")
 """

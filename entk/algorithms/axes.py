@@ -119,12 +119,26 @@ class LeafAxes:
         `a` has shape `S1 + R` and `b` shape `S2 + R`, where the first `n_out` (default: `ndim`) dims are
         output dims and `R` (e.g. one parameter leaf's shape in a Jacobian) is summed over. The result is
         NOT divided by the trace size; the caller divides once after summing all contributions.
+
+        Both sides are brought to `(D, F, K)` (diagonal, free and summed dims each merged into one; a
+        transpose only when the summed dims are not already trailing) for a single matrix product per
+        diagonal entry: XLA:CPU runs a `dot_general` with several contracting dims (a `(N, O, H, W)`
+        Jacobian leaf against another, say) up to 2x slower than the same product on merged dims.
         """
         n_out = self.ndim if n_out is None else n_out
-        rest = tuple(range(n_out, a.ndim))
-        contracting = (self.trace + rest, self.trace + rest)
-        batch = (self.diagonal, self.diagonal)
-        return lax.dot_general(a, b, (contracting, batch), precision=precision)
+        summed = self.trace + tuple(range(n_out, a.ndim))
+        free = self.free
+
+        def merged(t: jax.Array) -> jax.Array:
+            order = self.diagonal + free + summed
+            t = t if order == tuple(range(t.ndim)) else jnp.transpose(t, order)
+            d, f = len(self.diagonal), len(free)
+            return t.reshape(math.prod(t.shape[:d]), math.prod(t.shape[d:d + f]),
+                             math.prod(t.shape[d + f:]))
+
+        out = lax.dot_general(merged(a), merged(b), (((2,), (2,)), ((0,), (0,))),
+                              precision=precision)
+        return out.reshape(self.canonical_shape(a.shape, b.shape))
 
 
 @dataclasses.dataclass(frozen=True)
