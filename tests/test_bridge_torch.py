@@ -232,6 +232,19 @@ def _as_torch(tree):
     return {k: torch.from_numpy(np.array(v)) for k, v in tree.items()}
 
 
+def test_broadcast_operands_reach_torch_without_a_copy():
+    """The vmap retry batches the parameters as broadcast views; torch gets them expanded, not copied
+    (a copy per kernel column of every weight would not fit for a large bridged model)."""
+    from entk.adapters.torch.bridge import _to_torch
+
+    weights = np.arange(6.0).reshape(2, 3)
+    view = np.broadcast_to(weights, (1000, 2, 3))
+    tensor = _to_torch(view)
+    assert tensor.shape == (1000, 2, 3) and tensor.stride()[0] == 0
+    assert tensor.data_ptr() == torch.from_dlpack(weights).data_ptr()  # weights' own memory
+    np.testing.assert_array_equal(tensor.numpy(), view)
+
+
 @pytest.mark.parametrize("name", ["cnn", "lstm"])
 def test_jvp_vjp_vmap_match_torch_func(name):
     module, model, x1, *_ = case(name)

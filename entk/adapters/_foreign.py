@@ -21,8 +21,8 @@ differentiates only the parameters never asks the foreign framework for input de
   to the front and records, per operand, whether it is batched at that level (`in_batched`). At run
   time all levels are collapsed into one leading axis (operands batched at only some levels are
   broadcast) and the foreign function is called once through the framework's own vmap
-  (`torch.func.vmap`, `tf.vectorized_map`). If that vmap rejects a VJP, it is retried with the
-  differentiated operands batched too; after that, a loop, with one warning.
+  (`torch.func.vmap`, `tf.vectorized_map`). If that vmap rejects a VJP or JVP, it is retried with
+  the differentiated operands batched too; after that, a loop, with one warning.
 - Outputs are batched at every level, except the outputs of a *transposed* call made at levels
   where the matching primal operand was not batched (`jax.grad` of a loss computed under `vmap`):
   `out_batched` records this per output and level, and those levels are summed over on the host.
@@ -218,13 +218,15 @@ class ForeignFunction:
     def _vmap_variants(self, kind: str, argnums: tuple[int, ...], in_axes: tuple) -> list[tuple]:
         """The `in_axes` to try, in order, before looping.
 
-        Some framework kernels accumulate into an unbatched buffer during a batched backward pass
-        (torch's LSTM does, when the cotangent is batched but the weights are not). Batching the
-        differentiated operands as well avoids that; for a VJP this costs no more memory than its
-        own output, so it is the one retry worth making.
+        Some framework kernels accumulate into an unbatched buffer when a batched operand meets an
+        unbatched one: torch's LSTM does, in a backward pass whose cotangent is batched but not the
+        weights, and in a forward-mode pass whose tangents are batched over more levels than the
+        weights (NTK-vector products per pair of examples). Batching the differentiated operands as
+        well avoids that; they are broadcast views, which a backend can pass on without a copy
+        (torch's does, as an expanded tensor), so this is the one retry worth making.
         """
         variants = [in_axes]
-        if kind == "vjp":
+        if kind in ("vjp", "jvp"):
             forced = tuple(0 if i in argnums else ax for i, ax in enumerate(in_axes))
             if forced != in_axes:
                 variants.append(forced)

@@ -55,6 +55,11 @@ def _to_torch(a: Any) -> torch.Tensor:
         except (BufferError, RuntimeError, TypeError):
             pass
     a = np.asarray(a)
+    repeated = [d for d, (size, stride) in enumerate(zip(a.shape, a.strides))
+                if stride == 0 and size > 1]
+    if repeated:  # a broadcast view (an operand batched for vmap): expanded, not copied
+        base = a[tuple(slice(0, 1) if d in repeated else slice(None) for d in range(a.ndim))]
+        return _to_torch(base).expand(a.shape)
     if not (a.flags.c_contiguous or a.flags.f_contiguous):
         a = np.ascontiguousarray(a)
     return torch.from_dlpack(a)
