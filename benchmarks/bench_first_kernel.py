@@ -168,17 +168,11 @@ def _install_entk_probes() -> tuple[dict, dict]:
     return phases, jax_events
 
 
-def _available_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 1 << 62
-
-
 def _check_func_memory(case: str, x: Any, params: dict) -> None:
     need = 2 * x.shape[0] * OUTPUTS.get(case, 10) * sum(p.numel() for p in params.values()) * 4
-    have = _available_bytes()
+    from benchmarks import bench_torch
+
+    have = bench_torch.available_bytes()
     if need > MAX_FUNC_FRACTION * have:
         raise MemoryError(f"skipped: torch.func's Jacobians need ~{need / 2**30:.1f} GiB, more than "
                           f"{MAX_FUNC_FRACTION:.0%} of the {have / 2**30:.1f} GiB available")
@@ -222,16 +216,51 @@ def worker(tool: str, case: str, kernel_path: str) -> dict:
         times.append(time.perf_counter() - start)
         kernels.append(k.detach().double().numpy())
     np.save(kernel_path, np.stack(kernels))
+    peak_rss = rss_mib()  # before the steady-state comparison below compiles a second program
     out = {"tool": tool, "case": case, "first_s": times[0], "second_s": times[1],
-           "setup_s": setup_s, "rss_before_mib": rss_before, "peak_rss_mib": rss_mib(),
+           "setup_s": setup_s, "rss_before_mib": rss_before, "peak_rss_mib": peak_rss,
            "n_params": sum(p.numel() for p in module.parameters()),
            "input_shape": list(x.shape), "kernel_shape": list(kernels[0].shape),
            "torch_threads": torch.get_num_threads()}
-    if probes is not None:
+    if probes is not None:  # copied now: the steady-state comparison below compiles again
         phases, jax_events = probes
-        out["entk_phases"] = phases
+        out["entk_phases"] = json.loads(json.dumps(phases))
         out["jax_events"] = {k: v for k, v in sorted(jax_events.items())}
+    if tool == "entk":
+        out["steady"] = _steady_state(module, x, x_new)
     return out
+
+
+def _steady_state(module: Any, x: Any, x_new: Any) -> dict:
+    """The one-liner against the JAX user's form on the same model and settings, steady state:
+    `entk.ntk(module, x_new)` (torch tensors in and out, weights re-read, staleness checked) vs
+    `jax.jit(entk.empirical_ntk_fn(entk.from_torch(module, x), vmap_axes="auto"))` on JAX arrays,
+    after one warm-up call each; alternating rounds, median of each."""
+    import jax
+
+    import entk
+
+    model = entk.from_torch(module, x)
+    jitted = jax.jit(entk.empirical_ntk_fn(model, vmap_axes="auto"))
+    jx = jax.numpy.asarray(x_new.numpy())
+    calls = {"one_liner": lambda: entk.ntk(module, x_new),
+             "jit_empirical_ntk_fn": lambda: jax.block_until_ready(jitted(jx, None, model.params))}
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for name, call in calls.items():
+        start = time.perf_counter()
+        call()  # warm-up (the jitted form compiles here)
+        times[name].append(time.perf_counter() - start)
+    rounds = 7 if max(t[0] for t in times.values()) < 0.5 else 3
+    for name in times:
+        times[name] = []
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    return {**medians, "rounds": rounds,
+            "ratio": medians["one_liner"] / medians["jit_empirical_ntk_fn"]}
 
 
 # ------------------------------------------------------------------------------ parent (driver)
@@ -397,6 +426,21 @@ def markdown(results: list[dict], command: str, repeats: int) -> str:
               "model's calibration when its cache is cold, and any close-call timing); XLA backend "
               "compile and JAX trace are JAX's own monitoring durations summed over the process (they "
               "overlap select's). Both are measured over both calls.", ""]
+    lines += ["## Steady state: the one-liner vs the jitted kernel function", "",
+              "In the cold entk process, after its two calls: `entk.ntk(module, x_new)` (torch "
+              "tensors in and out, weights re-read, staleness checked at every call) against "
+              "`jax.jit(entk.empirical_ntk_fn(entk.from_torch(module, x), vmap_axes=\"auto\"))` on "
+              "JAX arrays; one warm-up call each, then alternating rounds, median (target: ratio "
+              "≤ 1.2).", "",
+              "| case | one-liner (s) | jit(empirical_ntk_fn) (s) | ratio | rounds |",
+              "|---|---|---|---|---|"]
+    for r in results:
+        run = r["runs"]["entk_cold"][0] if r["runs"]["entk_cold"] else {}
+        st = run.get("steady")
+        if st:
+            lines.append(f"| {r['case']} | {st['one_liner']:.3g} | {st['jit_empirical_ntk_fn']:.3g} "
+                         f"| {st['ratio']:.2f} | {st['rounds']} |")
+    lines.append("")
     for r in results:
         for key, rs in r["runs"].items():
             for run in rs:

@@ -134,7 +134,8 @@ def markdown(report: dict) -> str:
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['device']}; {versions}; Python "
              f"{m['python']}.  ",
              f"Protocol: per strategy, compile, two untimed calls, then {report['repeats']} timed calls "
-             f"alternating between tools and strategies; medians. float32, vmap_axes=0. Strategies "
+             f"alternating between tools and strategies{_fast_rule(report)}; medians. float32, "
+             f"vmap_axes=0. Strategies "
              f"entk's cost model predicts slower than {report['max_predicted_s']} s per call are "
              f"skipped for both tools.  ",
              f"Wall time of the whole run: {report.get('wall_s', 0) / 60:.1f} min.", ""]
@@ -199,3 +200,11 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _fast_rule(report: dict) -> str:
+    """The protocol's extra rounds for fast cases, where the report records them."""
+    if "fast_repeats" not in report:
+        return ""
+    return (f" (at least {report['fast_repeats']} for a case whose calls all take under "
+            f"{report['fast_call_s'] * 1e3:.0f} ms)")

@@ -241,6 +241,8 @@ RULE_CASES = {
     "concat_batch": (lambda p, x: jnp.concatenate([x, x]) @ p, "concatenate"),
     "sort_batch": (lambda p, x: jnp.sort(x @ p, axis=0), "sort"),
     "roll_batch": (lambda p, x: jnp.roll(x @ p, 1, axis=0), "slice"),
+    "stack_mismatched": (lambda p, x: jnp.stack([x @ p @ jnp.ones((3, 5)), (x @ p @ jnp.ones((3, 5))).T],
+                                                 axis=1)[:, 0, :3], "stack"),
     "conv_over_batch": (lambda p, x: lax.conv_general_dilated(
         (x @ p)[None], jnp.ones((3, 3, 2)), (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC"))[0],
         "conv_general_dilated"),
@@ -259,6 +261,8 @@ RULE_CASES = {
     "per_example_keys": (lambda p, x: jax.vmap(lambda k, h: jax.random.bernoulli(k, 0.5, h.shape) * h)(
         jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(0), x[:, 0].astype(jnp.int32)),
         x @ p), None),
+    "stack_features": (lambda p, x: jnp.stack([x @ p, jnp.sin(x @ p)], axis=2).reshape(5, 6), None),
+    "stack_leading": (lambda p, x: jnp.stack([x @ p, 2.0 * x @ p, jnp.ones((5, 3))]).sum(0), None),
     "pad_features": (lambda p, x: jnp.pad(x @ p, ((0, 0), (1, 1))), None),
     "cumsum_features": (lambda p, x: jnp.cumsum(x @ p, axis=1), None),
     # a baked-in constant that is the same for every example (a translated RNN's zero state)

@@ -146,6 +146,40 @@ def test_near_tie_is_broken_by_timing_both_candidates(monkeypatch):
     assert all(est.measured_s is None for est in estimates)
 
 
+def test_ntvp_is_lowered_only_when_its_lower_bound_can_win(monkeypatch, tmp_path):
+    """Auto lowers NTK-vector products last, and only when their lower bound (every output entry of
+    f(x2) through a JVP of f(x1), at the machine's physical peak) is within a close call of a
+    strategy already estimated that fits the budget; a report (`estimates_out`) estimates all."""
+    f, params, x1, x2 = jax_models.make("mlp")
+    call = cost.prepare_call(f, x1, x2, params, {}, NTK_KW)
+    cal = cost.calibration()
+    forward_flops = jax.jit(f).lower(params, x1).cost_analysis()["flops"]
+    assert cost._ntvp_lower_bound_s(call, cal) == pytest.approx(
+        x2.shape[0] * 3 * forward_flops / max(cal.peak_flops_per_s, *cal.flops_per_s.values()))
+
+    lowered: list = []
+    real_lower = cost.lower_strategy
+    monkeypatch.setattr(cost, "lower_strategy",
+                        lambda call, strategy, *a: lowered.append(strategy) or real_lower(
+                            call, strategy, *a))
+    for bound, expect_lowered in ((1e9, False), (0.0, True)):  # nothing decided before: no caches
+        monkeypatch.setattr(cost.decision_cache, "directory", lambda b=bound: tmp_path / str(b))
+        monkeypatch.setattr(cost, "_DECISIONS", {})
+        monkeypatch.setattr(cost, "_ntvp_lower_bound_s", lambda call, cal, bound=bound: bound)
+        lowered.clear()
+        chosen = cost.select(f, x1, x2, params, {}, NTK_KW, capabilities=CAPS,
+                             memory_budget=1 << 30)
+        assert (Strategy.NTK_VECTOR_PRODUCTS in lowered) is expect_lowered
+        assert lowered[0] is Strategy.JACOBIAN_CONTRACTION
+        if not expect_lowered:
+            assert chosen is Strategy.JACOBIAN_CONTRACTION
+        lowered.clear()
+        estimates: list = []
+        cost.select(f, x1, x2, params, {}, NTK_KW, capabilities=CAPS, memory_budget=1 << 30,
+                    estimates_out=estimates)
+        assert set(lowered) == {Strategy.JACOBIAN_CONTRACTION, Strategy.NTK_VECTOR_PRODUCTS}
+
+
 def test_calibration_is_cached_on_disk(monkeypatch, tmp_path):
     monkeypatch.setenv("ENTK_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(device, "_CALIBRATIONS", {})

@@ -286,3 +286,37 @@ def test_prepared_call_holds_what_strategies_take_for_granted():
         kernel = call.run(strategy)
         assert kernel.shape == (4, 2, 5, 5)
         assert_close(kernel, jnp.einsum("nap,mbp->nmab", j1, j2))
+
+
+@pytest.mark.parametrize("blocks", ["entries", "halves", "entries-looped"])
+@pytest.mark.parametrize("name, trace_axes, diagonal_axes", [
+    ("mlp", (-1,), ()), ("multi_axis", (1,), (2,)), ("multi_axis", (2,), (1,)),
+    ("multi_axis", (1, 2), ()), ("multi_axis", (-1,), (0,)), ("multi_axis", (1,), (0,)),
+])
+def test_jacobian_contraction_by_traced_blocks(name, trace_axes, diagonal_axes, blocks,
+                                               monkeypatch):
+    """JC's loop over blocks of traced entries (for Jacobians too large for the cache) gives the
+    kernel of the whole Jacobian: forced at every size, one entry per block or half of them, the
+    blocks unrolled or in a loop, with the whole-Jacobian path made unavailable."""
+    from entk.algorithms import jacobian_contraction
+
+    n2 = 3 if 0 in diagonal_axes else 2
+    f, params, x1, x2 = case(name, n2)
+    out = jax.eval_shape(f, params, x1)
+    traced = np.prod([out.shape[a] for a in trace_axes])
+    whole = out.size * sum(p.size for p in jax.tree_util.tree_leaves(params)) * 8
+    monkeypatch.setattr(jacobian_contraction, "TRACE_CHUNK_BYTES", 0)
+    monkeypatch.setattr(jacobian_contraction, "BLOCK_BYTES", 0 if blocks.startswith("entries")
+                        else int(np.ceil(whole / traced * (traced // 2))))
+    if blocks.endswith("looped"):
+        monkeypatch.setattr(jacobian_contraction, "MAX_UNROLLED_STEPS", 0)
+
+    def whole_jacobian(*args, **kwargs):
+        raise AssertionError("the whole Jacobian was built")
+
+    monkeypatch.setattr(jacobian_contraction, "jacobian", whole_jacobian)
+    fn = jitted(f, trace_axes, diagonal_axes, 0, "jc")
+    assert_close(fn(x1, x2, params), reference(name, n2, trace_axes, diagonal_axes, False),
+                 what="x1 vs x2")
+    assert_close(fn(x1, None, params), reference(name, n2, trace_axes, diagonal_axes, True),
+                 what="x1 vs itself")

@@ -286,8 +286,9 @@ def conditional(normal):
 
 
 def mixed_views(normal):
-    """Disjoint slices of a fused weight, a padded parameter, a parameter concatenated with activations,
-    a table read at a data-dependent row and through a static slice, one scalar in several roles."""
+    """Disjoint slices of a fused weight, a padded parameter, a parameter concatenated with activations
+    and stacked with data (`jnp.stack`, a primitive of its own since JAX 0.10), a table read at a
+    data-dependent row and through a static slice, one scalar in several roles."""
     params = {"fused": normal((4, 6), 0.5), "p": normal((3,), 0.5), "table": normal((5, 4), 0.5),
               "s": normal((), 0.5)}
 
@@ -297,7 +298,9 @@ def mixed_views(normal):
         z = jnp.concatenate([h, jnp.broadcast_to(p["p"], (x.shape[0], 3))], -1)
         row = lax.dynamic_index_in_dim(p["table"], (jnp.abs(x[0, 0]) * 10).astype(jnp.int32) % 5,
                                        keepdims=False)
-        return jnp.tanh(z[:, :4] * row + z[:, 4:] @ p["table"][:4] + p["s"] ** 2)
+        g = jnp.stack([p["p"], jnp.full((3,), 0.3)], axis=1)  # (3, 2): a view of p beside data
+        return jnp.tanh(z[:, :4] * row + z[:, 4:] @ p["table"][:4] + p["s"] ** 2
+                        + jnp.sum(x[:, :3] @ g, -1, keepdims=True))
 
     return f, params, (4,), 0
 

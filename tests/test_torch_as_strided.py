@@ -21,10 +21,9 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-import entk  # noqa: E402
 from entk.adapters.torch import ExportFallbackWarning, from_torch, to_jax  # noqa: E402
 from entk.adapters.torch.aten_strided import gather_view, strided_index  # noqa: E402
-from tests.torch_reference import torch_func_ntk  # noqa: E402
+from tests.torch_reference import assert_strategies_match, torch_func_ntk  # noqa: E402
 
 HAS_SD = importlib.util.find_spec("entk.algorithms.structured") is not None
 STRATEGIES = ("jc", "sd") if HAS_SD else ("jc",)
@@ -128,13 +127,7 @@ def test_as_strided_exports_and_matches_torch_fp64(make, shape):
         reference = torch_func_ntk(indexed, x1, x2)
     else:
         reference = torch_func_ntk(module, x1, x2)
-    fns = [entk.empirical_ntk_fn(model, implementation=s) for s in STRATEGIES]
-    kernels = jax.jit(lambda a, b, p: [fn(a, b, p) for fn in fns])(to_jax(x1), to_jax(x2),
-                                                                   model.params)
-    for strategy, kernel in zip(STRATEGIES, kernels):
-        assert kernel.shape == reference.shape, strategy
-        np.testing.assert_allclose(np.asarray(kernel), reference, rtol=0,
-                                   atol=1e-10 * np.max(np.abs(reference)), err_msg=strategy)
+    assert_strategies_match(model, x1, x2, reference, STRATEGIES)
 
 
 def test_strided_views_become_view_ops_and_other_layouts_a_gather():

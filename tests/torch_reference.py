@@ -63,3 +63,20 @@ def torch_func_ntk(module: nn.Module, x1, x2, *, eager: bool = False) -> np.ndar
         total = total + torch.einsum(spec, a, b)
     channels = j1[next(iter(params))].shape[out_ndim]
     return (total / channels).detach().numpy()
+
+
+def assert_strategies_match(model, x1, x2, reference: np.ndarray, strategies, **ntk_kwargs) -> None:
+    """Every strategy's eNTK of a converted module (`entk.Model`), compiled together in one jit,
+    equals `reference` (e.g. `torch_func_ntk`'s) to 1e-10 of its largest entry (float64 models)."""
+    import jax
+
+    import entk
+    from entk.adapters.torch import to_jax
+
+    fns = [entk.empirical_ntk_fn(model, implementation=s, **ntk_kwargs) for s in strategies]
+    kernels = jax.jit(lambda a, b, p: [fn(a, b, p) for fn in fns])(to_jax(x1), to_jax(x2),
+                                                                   model.params)
+    for strategy, kernel in zip(strategies, kernels):
+        assert kernel.shape == reference.shape, strategy
+        np.testing.assert_allclose(np.asarray(kernel), reference, rtol=0,
+                                   atol=1e-10 * np.max(np.abs(reference)), err_msg=strategy)

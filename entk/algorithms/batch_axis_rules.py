@@ -362,6 +362,24 @@ def _concatenate(ctx: Context, eqn: Any, ins: list[Axis]) -> list[Axis]:
     return [Axis(b.batch, b.inner)]
 
 
+@rule("stack")
+def _stack(ctx: Context, eqn: Any, ins: list[Axis]) -> list[Axis]:
+    """`jnp.stack` (a primitive since JAX 0.10): a new axis at `axis`; input dim d lands at d or
+    d + 1. Examples stay apart when every batched input has the batch on the same dim."""
+    axis = eqn.params["axis"]
+
+    def moved(d: int) -> int:
+        return d if d < axis else d + 1
+
+    b = same_batch(ins, "stacks")
+    if b is None:
+        const = frozenset.intersection(*[i.const for i in ins])
+        return [unbatched({moved(d) for d in const}, first_origin(ins))]
+    for v, i in zip(eqn.invars, ins):
+        align(ctx, i, shape_of(v), b.batch)
+    return [Axis(moved(b.batch), b.inner)]
+
+
 @rule("split")
 def _split(ctx: Context, eqn: Any, ins: list[Axis]) -> list[Axis]:
     op, axis = ins[0], eqn.params["axis"]

@@ -321,28 +321,30 @@ def _conv(x: jax.Array, w: jax.Array) -> jax.Array:
 def _measure(device: jax.Device) -> Calibration:
     """One run of the micro-benchmarks on `device` (about 0.5 s on a 2-core CPU)."""
     scale = 1 if device.platform == "cpu" else 4  # accelerators: larger problems to fill them
+    # Inputs are made by NumPy and copied over: `jnp.ones` & co. would each compile a small XLA
+    # program (~25 ms apiece on a 2-core CPU; a dozen of them were a third of the calibration).
     put = functools.partial(jax.device_put, device=device)
     rates = {}
     n = 384 * scale
-    a = put(jnp.ones((n, n), jnp.float32))
+    a = put(np.ones((n, n), np.float32))
     matmul = jax.jit(lambda m: m @ m)
     rates["dot"] = 2 * n ** 3 / _median_time(lambda: matmul(a), 5)
     float64_factor = 1.0
     if jax.config.jax_enable_x64:
-        a64 = put(jnp.ones((n, n), jnp.float64))
+        a64 = put(np.ones((n, n), np.float64))
         float64_factor = 2 * n ** 3 / _median_time(lambda: matmul(a64), 5) / rates["dot"]
 
     b, hw, c = 8 * scale, 24, 32 * scale  # 3 x 3 convolution, c -> c channels, SAME padding
-    x = put(jnp.ones((b, hw, hw, c), jnp.float32))
-    w = put(jnp.ones((3, 3, c, c), jnp.float32) / (9 * c))
+    x = put(np.ones((b, hw, hw, c), np.float32))
+    w = put(np.full((3, 3, c, c), 1 / (9 * c), np.float32))
     conv_flops = 2 * b * hw * hw * 9 * c * c
     forward = jax.jit(_conv)
     rates["conv"] = conv_flops / _median_time(lambda: forward(x, w), 5)
     weight_grad = jax.jit(lambda u, g: jax.vjp(lambda k: _conv(u, k), w)[1](g)[0])
     rates["conv_wgrad"] = conv_flops / _median_time(lambda: weight_grad(x, x), 5)
 
-    e = put(jnp.full((512 * scale, 512), 0.3, jnp.float32))
-    ew = put(jnp.full((512,), 0.7, jnp.float32))
+    e = put(np.full((512 * scale, 512), 0.3, np.float32))
+    ew = put(np.full((512,), 0.7, np.float32))
     fused = jax.jit(_elementwise_chain)
     costs = fused.lower(e, ew).cost_analysis()
     costs = (costs[0] if isinstance(costs, (list, tuple)) else costs) or {}
@@ -352,12 +354,12 @@ def _measure(device: jax.Device) -> Calibration:
 
     # 32 MiB in, 32 MiB out into fresh pages (past glibc's largest mmap threshold, so every call maps
     # new memory, as XLA's large temporaries do): stable from call to call, page faults included.
-    v = put(jnp.ones((1 << 23,), jnp.float32))
+    v = put(np.ones((1 << 23,), np.float32))
     add = jax.jit(lambda u: u + 1.0)
     bandwidth = 2 * v.nbytes / _median_time(lambda: add(v), 5)
-    s = put(jnp.ones((), jnp.float32))
+    s = put(np.ones((), np.float32))
     overhead = _median_time(lambda: add(s), 20)
-    m = put(jnp.eye(8, dtype=jnp.float32))
+    m = put(np.eye(8, dtype=np.float32))
 
     def chain(u):  # dependent small matmuls: nothing to fuse, so each costs one operation
         for _ in range(_CHAIN):

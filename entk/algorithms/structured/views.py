@@ -281,12 +281,18 @@ def _concatenate(eqn, ops):
     return np.concatenate(ops, axis=eqn.params["dimension"])
 
 
+@index_map("stack")
+def _stack(eqn, ops):
+    return np.stack(ops, axis=eqn.params["axis"])
+
+
 VIEW_PRIMITIVES = frozenset(INDEX_FNS)
 """Primitives whose output can be a rearrangement of a parameter (decides inlining in `graph`)."""
 
 # Operand positions that may be parameter-independent data (filled with -1) rather than views; any other
 # operand must be a view, a literal or a known constant (dynamic_slice's start indices).
-_DATA_OPERANDS = {"pad": {1}, "concatenate": "all"}
+_DATA_OPERANDS = {"pad": {1}, "concatenate": "all", "stack": "all"}
+_JOINS = ("concatenate", "stack")  # any operand may be the view; the others are data
 
 
 def _index_map(eqn: jex.JaxprEqn, in_views: list, in_dep: list[bool], constants: dict
@@ -300,10 +306,10 @@ def _index_map(eqn: jex.JaxprEqn, in_views: list, in_dep: list[bool], constants:
     ops: list = []
     for k, (a, view, dep) in enumerate(zip(eqn.invars, in_views, in_dep)):
         if view is not None:
-            if k > 0 and name not in ("concatenate",):
+            if k > 0 and name not in _JOINS:
                 return None  # e.g. a parameter used as pad value: not a rearrangement
             ops.append(view.idx)
-        elif k == 0 and name != "concatenate":
+        elif k == 0 and name not in _JOINS:
             return None
         elif dep:
             return None  # mixed with a parameter-dependent activation: a use, not a view

@@ -72,7 +72,7 @@ class GatherRule:
 
 
 LINEAR_RULE = register(
-    "dynamic_slice", "dynamic_update_slice", "concatenate", "pad", "gather", "scatter-add",
+    "dynamic_slice", "dynamic_update_slice", "concatenate", "stack", "pad", "gather", "scatter-add",
     "scatter_add", "scatter", "conv_general_dilated", "transpose", "reshape", "broadcast_in_dim",
     "squeeze", "expand_dims", "slice", "rev", "reduce_window_sum", "select_and_gather_add", "copy",
     "copy_p", "convert_element_type", "device_put", "sharding_constraint", "dot_general",
