@@ -202,9 +202,10 @@ def ntk(model: Any, x1: Any, x2: Any = None, *, params: PyTree = None, **ntk_kwa
     ntk_kwargs.setdefault("vmap_axes", "auto")  # per-example wherever independence is proven
     with adapters.precision_scope(model, x1, x2, params):
         converted = adapters.to_model(model, x1, params=params, live=True)
-        to_jax, to_native = adapters.array_converters(x1)
-        jx1 = jax.tree_util.tree_map(to_jax, x1)
-        jx2 = None if x2 is None else jax.tree_util.tree_map(to_jax, x2)
+        _, to_native = adapters.array_converters(x1)
+        to_arg = adapters.call_converter(x1)
+        jx1 = jax.tree_util.tree_map(to_arg, x1)
+        jx2 = None if x2 is None else jax.tree_util.tree_map(to_arg, x2)
         fn = _compiled_kernel_fn(converted, "ntk", ntk_kwargs)
         # Done before returning: the model's arrays may alias the torch module's tensors.
         kernel = jax.block_until_ready(fn(jx1, jx2, converted.params))
@@ -294,11 +295,12 @@ def _converting(model: Any, kind: str, settings: dict) -> KernelFn:
                             f"x).params, then jax.jit(kernel_fn)(x1, x2, params).")
         with adapters.precision_scope(model, x1, x2, params):
             converted = adapters.to_model(model, adapters.concrete_example(x1), params=params)
-            to_jax, _ = adapters.array_converters(x1)
-            jx1, jx2 = jax.tree_util.tree_map(to_jax, (x1, x2))
             if apply_fn_kwargs:  # not cached: keyword arguments may be static or per call
+                to_jax, _ = adapters.array_converters(x1)
+                jx1, jx2 = jax.tree_util.tree_map(to_jax, (x1, x2))
                 make = empirical_ntk_fn if kind == "ntk" else empirical_nngp_fn
                 return make(converted, **settings)(jx1, jx2, converted.params, **apply_fn_kwargs)
+            jx1, jx2 = jax.tree_util.tree_map(adapters.call_converter(x1), (x1, x2))
             return _compiled_kernel_fn(converted, kind, settings)(jx1, jx2, converted.params)
 
     kernel.__doc__ = (f"Empirical {kind.upper()} of a {type(model).__name__} (x1, x2=None, params=None, "

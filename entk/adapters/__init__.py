@@ -7,14 +7,16 @@ kernel functions, `entk.compute_kernel`, `NTKMonitor`, `entk.metrics`, the CLI's
   `"tensorflow"`, `"keras"`, `"tf_keras"`, or None); `adapter_for(obj)` gives its adapter module;
   `needs_example(model)` says whether a model must see an input before it can be converted;
 - **convert arrays**: `array_converters(example)` gives `(to_jax, to_native)` for the kind of array
-  `example` is; `to_numpy(x)` reads any framework's array into NumPy without losing precision;
+  `example` is, `call_converter(example)` what feeds a compiled function fastest; `to_numpy(x)` reads
+  any framework's array into NumPy without losing precision;
 - **read a live model**: `current_tensors(model, example_input)` reads its current parameters and state
   (for torch: aliasing the tensors' memory, for one computation that is waited for);
 - **convert models**: `to_model(model, example_input, params=...)`: whatever the user holds as an
   `entk.Model`; `check_params(params, ...)` refuses parameters of another framework by name.
 
 Each framework's adapter package (`entk.adapters.torch`, `entk.adapters.tf`) provides `is_model(obj)`,
-`is_tensor(x)`, `to_jax(x)`, `to_native(array, like)`, `to_numpy(x)` and its `from_*` converter. This
+`is_tensor(x)`, `to_jax(x)`, `to_native(array, like)`, `to_numpy(x)` and its `from_*` converter (and
+may provide `to_call_arg(x)`, see `call_converter`). This
 module only picks the adapter, by looking at the type's module names, so a framework is imported only
 when an object of it shows up.
 """
@@ -270,6 +272,14 @@ def array_converters(example: Any) -> tuple[Callable[[Any], jax.Array], Callable
     if isinstance(first, np.ndarray):
         return jnp.asarray, lambda array, like: np.asarray(array)
     return jnp.asarray, lambda array, like: array
+
+
+def call_converter(example: Any) -> Callable[[Any], Any]:
+    """What turns arrays of `example`'s kind into arguments of a compiled JAX function: the
+    adapter's `to_call_arg` where it has one (torch: NumPy views of CPU tensors), else `to_jax`."""
+    leaves = jax.tree_util.tree_leaves(example)
+    adapter = adapter_for(leaves[0] if leaves else example)
+    return getattr(adapter, "to_call_arg", None) or array_converters(example)[0]
 
 
 def to_numpy(x: Any) -> np.ndarray:
