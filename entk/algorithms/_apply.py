@@ -55,10 +55,9 @@ def per_example(f: Callable[..., PyTree], x: PyTree, kwargs: dict, params: PyTre
     return jax.vmap(one, in_axes=(in_axes, kw_axes), out_axes=out_axes)(x, kwargs)
 
 
-def batch_axes_of_output(f: Callable[..., PyTree], x: PyTree, kwargs: dict, params: PyTree,
-                         vmap_axes: VmapAxes) -> list[int]:
-    """The (non-negative) batch axis of every output leaf, in `tree_leaves` order."""
-    fx = output_shapes(f, x, kwargs, params)
+def batch_axes_of_output(fx: PyTree, vmap_axes: VmapAxes) -> list[int]:
+    """The (non-negative) batch axis of every output leaf of `fx` (`output_shapes`' result), in
+    `tree_leaves` order."""
     return jax.tree_util.tree_leaves(vmap_axes.output_axes(fx))
 
 

@@ -18,9 +18,8 @@ convolutions at a fraction of their rate (the CNN of `benchmarks/run.py`, N=32, 
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import math
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -115,9 +114,9 @@ def _traced_block(fx1: PyTree, params: PyTree, axes: KernelAxes, vmap_axes: Vmap
         return None
     out = leaves[0]
     leaf_axes = axes.for_leaf(len(out.shape))
-    batch = batch_axes_of_output(f, x1, kwargs1, params, vmap_axes)[0]
     traced = leaf_axes.trace_size(out.shape)
-    if not leaf_axes.trace or batch >= min(leaf_axes.trace) or traced < 2:
+    if (not leaf_axes.trace or traced < 2
+            or batch_axes_of_output(fx1, vmap_axes)[0] >= min(leaf_axes.trace)):
         return None
     itemsize = max(jnp.dtype(p.dtype).itemsize for p in jax.tree_util.tree_leaves(params))
     whole = math.prod(out.shape) * param_count(params) * itemsize

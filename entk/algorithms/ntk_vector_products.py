@@ -54,11 +54,11 @@ def empirical_ntk(f: Callable[..., PyTree], x1: PyTree, x2: PyTree | None, param
     leaf_axes = [axes.for_leaf(len(s.shape)) for s in leaves1]
 
     if vmap_axes is not None:
-        batch_axes = batch_axes_of_output(f, x1, kwargs1, params, vmap_axes)
+        batch_axes = batch_axes_of_output(fx1, vmap_axes)
         diagonal = [b in la.diagonal for b, la in zip(batch_axes, leaf_axes)]
         free = [b in la.free for b, la in zip(batch_axes, leaf_axes)]
         if all(diagonal) or all(free):
-            kernels = _per_example_kernels(f, x1, x2, params, kwargs1, kwargs2, leaf_axes,
+            kernels = _per_example_kernels(f, x1, x2, params, kwargs1, kwargs2, leaf_axes, leaves1,
                                            batch_axes, vmap_axes, diagonal=all(diagonal))
             return treedef.unflatten(kernels)
     else:
@@ -177,7 +177,7 @@ def _reduce_block(block: jax.Array, la: LeafAxes) -> jax.Array:
 BLOCK_ENTRIES = 2 ** 25
 
 
-def _blocks_fit(f, x1, x2, params, kwargs1, kwargs2, leaf_axes: Sequence[LeafAxes],
+def _blocks_fit(f, x2, params, kwargs2, leaf_axes: Sequence[LeafAxes], leaves1: Sequence[Any],
                 batch_axes: Sequence[int], diagonal: bool) -> bool:
     """Whether the whole `(S1, S2)` output blocks of every example pair may be held at once.
 
@@ -186,7 +186,6 @@ def _blocks_fit(f, x1, x2, params, kwargs1, kwargs2, leaf_axes: Sequence[LeafAxe
     (128 MiB in float32) or 4x the kernel itself, whichever is larger; beyond that (large traced
     per-example outputs, e.g. per-token logits) columns keep only the entries the kernel needs.
     """
-    leaves1 = jax.tree_util.tree_leaves(output_shapes(f, x1, kwargs1, params))
     leaves2 = (leaves1 if x2 is None
                else jax.tree_util.tree_leaves(output_shapes(f, x2, kwargs2, params)))
     blocks = kept = 0
@@ -199,7 +198,7 @@ def _blocks_fit(f, x1, x2, params, kwargs1, kwargs2, leaf_axes: Sequence[LeafAxe
 
 
 def _per_example_kernels(f, x1, x2, params, kwargs1, kwargs2, leaf_axes: Sequence[LeafAxes],
-                         batch_axes: Sequence[int], vmap_axes: VmapAxes,
+                         leaves1: Sequence[Any], batch_axes: Sequence[int], vmap_axes: VmapAxes,
                          diagonal: bool) -> list[jax.Array]:
     """With `vmap_axes`, kernels built from single-example kernels, vmapped.
 
@@ -215,7 +214,7 @@ def _per_example_kernels(f, x1, x2, params, kwargs1, kwargs2, leaf_axes: Sequenc
     kw_axes1 = vmap_axes.kwarg_axes(kwargs1)
     kw_axes2 = vmap_axes.kwarg_axes(kwargs2)
     positions = [la.output_position(b) for la, b in zip(leaf_axes, batch_axes)]
-    if _blocks_fit(f, x1, x2, params, kwargs1, kwargs2, leaf_axes, batch_axes, diagonal):
+    if _blocks_fit(f, x2, params, kwargs2, leaf_axes, leaves1, batch_axes, diagonal):
         single_kernels = _small_kernels
     else:
         single_kernels = functools.partial(_kernels, batch_axes=None, vmap_axes=None)

@@ -80,8 +80,8 @@ def to_call_arg(x: Any) -> Any:
     """Torch tensors (or a pytree of them) as a compiled JAX function takes them fastest: a CPU
     tensor NumPy can hold as a NumPy view of its memory (no copy; the call reads it before it
     returns), anything else as `to_jax` makes it. A fresh `jax.Array` made per call costs a kernel
-    call ~0.1 ms more than a NumPy argument (the one-liner on a 1.3 ms MLP kernel: 1.33x -> ~1.2x of
-    the jitted kernel function)."""
+    call ~0.1 ms more than a NumPy argument (the one-liner on a 1.3 ms MLP kernel: 1.2-1.33x -> 1.13x
+    the time of the jitted kernel function, `benchmarks/bench_first_kernel.py`)."""
     def one(t: Any) -> Any:
         if is_tensor(t) and t.device.type == "cpu":
             try:
