@@ -23,6 +23,13 @@ from entk.adapters.torch import program_cache  # noqa: E402
 from tests.torch_reference import torch_func_ntk  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def torch_export_only(monkeypatch):
+    """The cache holds torch.export's programs; dispatch capture (`dispatch_capture.py`, tried first
+    in eval mode) would take these modules without one."""
+    monkeypatch.setenv("ENTK_TORCH_CAPTURE", "export")
+
+
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("ENTK_PROGRAM_CACHE", str(tmp_path / "programs"))

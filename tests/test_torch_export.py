@@ -401,6 +401,7 @@ def test_one_export_serves_batch_one_unless_the_code_treats_it_differently(monke
     module that computes something else at batch size 1 gets the sizes ≥ 2 program and a batch-1
     export (torch.func's reference calls it on batches of one too)."""
     monkeypatch.setenv("ENTK_PROGRAM_CACHE", "0")  # count real exports
+    monkeypatch.setenv("ENTK_TORCH_CAPTURE", "export")  # dispatch capture records each shape anyway
     exports = []
     original = torch_export.export_module
     monkeypatch.setattr(torch_export, "export_module",

@@ -538,6 +538,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     return _matmul(weights, value)
 
 
+@register("_scaled_dot_product_flash_attention_for_cpu")
+def scaled_dot_product_attention_cpu(query, key, value, dropout_p=0.0, is_causal=False, *,
+                                     attn_mask=None, scale=None):
+    """The CPU kernel `scaled_dot_product_attention` dispatches to (what dispatch capture records):
+    the same attention; the log-sum-exp it keeps for its backward is not computed."""
+    out = scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale)
+    return out, Unavailable("the log-sum-exp of CPU flash attention")
+
+
 # ---------------------------------------------------------------- embedding and dropout
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import logging
 import re
 import warnings
 from typing import Any, Iterator, Sequence
@@ -39,8 +40,8 @@ import jax.numpy as jnp
 import torch
 from torch.utils import _pytree as torch_pytree
 
-from entk.adapters.torch import (aten, autograd_function, autograd_semantics, program_cache,
-                                 program_check)
+from entk.adapters.torch import (aten, autograd_function, autograd_semantics, dispatch_capture,
+                                 program_cache, program_check)
 from entk.adapters.torch.graph_translation import (  # noqa: F401 - the errors are re-exported here
     BRIDGE_HINT, GraphTranslation, TranslationError, UnsupportedOpsError, input_dims, numpy_dtype,
     tensor_to_jax)
@@ -149,7 +150,6 @@ def _describe_export_failure(module: torch.nn.Module, args: tuple, kwargs: dict,
 @contextlib.contextmanager
 def _quiet_torch_logs() -> Iterator[None]:
     """Silences torch.export's log output (graph dumps on failure); failures are raised instead."""
-    import logging
 
     loggers = [logging.getLogger(name) for name in
                ("torch.fx.experimental.symbolic_shapes", "torch.export", "torch._export", "torch._subclasses",
@@ -256,8 +256,17 @@ def _cached_export(module: torch.nn.Module, args: tuple, kwargs: dict, *, traini
     """`export_module`, or the program a previous process stored for this module (`program_cache.py`).
 
     Returns the program and what the disk cache did: "hit" (stored program used), "stored" (exported,
-    then stored), "not stored" (exported; this program cannot be stored) or "off".
+    then stored), "not stored" (exported; this program cannot be stored) or "off"; or "captured": in
+    eval mode the module is first recorded by `dispatch_capture.capture` (milliseconds, this input's
+    shapes only), and torch.export runs only where that capture refuses the model.
     """
+    if not training and dispatch_capture.enabled():
+        try:
+            with module_mode(module, training):
+                return dispatch_capture.capture(module, args, kwargs), "captured"
+        except Exception as e:  # noqa: BLE001 - Refused, or forward failed: torch.export decides and reports
+            logging.getLogger("entk").debug("dispatch capture of %s refused (%s: %s); using torch.export",
+                                            type(module).__name__, type(e).__name__, e)
     if program_cache.directory() is None:
         return export_module(module, args, kwargs, training=training, batch_axis=batch_axis), "off"
     key = program_cache.fingerprint(module, args, kwargs, training=training, batch_axis=batch_axis)
