@@ -10,7 +10,8 @@ nothing is warm except the operating system's file cache:
   averaged over the logits like entk's default `trace_axes=(-1,)`. `fnet_single` and the models are
   those of `benchmarks/bench_torch.py`.
 - entk: `entk.ntk(module, x)` with its defaults (trace_axes=(-1,), vmap_axes="auto",
-  implementation="auto"). The first call includes torch.export, translation to JAX, tracing, "auto"'s
+  implementation="auto"). The first call includes recording the module (dispatch capture, or
+  torch.export where capture refuses), translation to JAX, tracing, "auto"'s
   decision (including the cost model's one-off calibration when its cache is empty) and XLA
   compilation. entk's persistent caches (compiled programs in `$ENTK_CACHE_DIR/xla`, exported torch
   programs in `$ENTK_CACHE_DIR/torch-programs`, auto's decisions, the calibration) live in
@@ -154,7 +155,7 @@ def _install_entk_probes() -> tuple[dict, dict]:
     wrap(entk.adapters, "to_model", "convert_s")
     wrap(cost, "select", "auto_select_s")
     wrap(device, "_measure", "calibrate_s")  # the cost model's micro-benchmark (cold cache only)
-    wrap(export, "_cached_export", "export_s")  # torch.export, or a stored program read and checked
+    wrap(export, "_cached_export", "export_s")  # capture, torch.export, or a stored program read and checked
 
     def on_duration(event: str, secs: float, **_: Any) -> None:
         jax_events[event] = jax_events.get(event, 0.0) + secs
@@ -363,7 +364,7 @@ def markdown(results: list[dict], command: str, repeats: int) -> str:
         f"{torch.__version__}, CPU, float32, eval mode. Median of {repeats} run(s) per cell; each "
         "run is a fresh process per tool.  ",
         "first: wall time of the first call, model and inputs built, imports done (entk: "
-        "`entk.ntk(module, x)` with its defaults = torch.export + translation + tracing + auto's "
+        "`entk.ntk(module, x)` with its defaults = capture (or torch.export) + translation + tracing + auto's "
         "decision + XLA compile + run; torch.func: vmap(jacrev) per-example Jacobians for x1 and "
         "x2 = x, einsum 'Naf,Maf->NM', / O). second: a second call on new inputs of the same shape. "
         "entk cold: fresh empty ENTK_CACHE_DIR (no compilation cache, no stored torch program, no "
@@ -394,8 +395,8 @@ def markdown(results: list[dict], command: str, repeats: int) -> str:
             f"{_fmt(s['entk_warm_peak_rss_mib'], '.0f')} | {_fmt(s['func_rss_before_mib'], '.0f')} | "
             f"{_fmt(e['first'], '.1e')} / {_fmt(e['second'], '.1e')} |")
     lines += ["", "## Where entk's first call goes (first run of each case)", "",
-              "| case | cache | first (s) | convert (torch.export → JAX) (s) "
-              "| of which export or stored program (s) | program cache | auto select (s) "
+              "| case | cache | first (s) | convert (torch → JAX) (s) "
+              "| of which capture, export or stored program (s) | program | auto select (s) "
               "| of which calibration (s) "
               "| XLA backend compile (s) | JAX trace (s) | XLA cache hits / misses | strategy |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -419,9 +420,9 @@ def markdown(results: list[dict], command: str, repeats: int) -> str:
                 f"{', '.join(sorted(set(ph['chosen'])))} |")
     lines += ["", "convert and auto select are wall times of `entk.adapters.to_model` and "
               "`entk.algorithms.cost.select`; export or stored program: wall time of "
-              "`entk.adapters.torch.export._cached_export` (torch.export, or reading a program a "
-              "previous process stored and checking it against PyTorch; program cache says which: "
-              "stored / hit, see docs/guide/caches.md); select includes lowering the candidates, the cost "
+              "`entk.adapters.torch.export._cached_export` (dispatch capture, torch.export, or reading a "
+              "program a previous process stored and checking it against PyTorch; program says which, "
+              "per conversion: captured / stored / hit, see docs/guide/caches.md); select includes lowering the candidates, the cost "
               "model's calibration when its cache is cold, and any close-call timing); XLA backend "
               "compile and JAX trace are JAX's own monitoring durations summed over the process (they "
               "overlap select's). Both are measured over both calls.", ""]

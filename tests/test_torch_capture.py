@@ -70,6 +70,19 @@ class NoGradView(nn.Module):
         return self.b(torch.tanh(self.a(x) + x @ frozen))
 
 
+class HooksAndParametrizations(nn.Module):
+    """A weight-normed layer (its weight computed from two parameters in forward) and a forward hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.utils.parametrizations.weight_norm(nn.Linear(3, 4))
+        self.b = nn.Linear(4, 2)
+        self.a.register_forward_hook(lambda module, args, out: torch.sin(out) + out)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
 class BranchesOnOne(nn.Module):
     def __init__(self):
         super().__init__()
@@ -91,7 +104,7 @@ def _module(cls):
 
 
 @pytest.mark.parametrize("cls, x_shape", [(Residual, (3, 2, 4, 4)), (Literal, (3, 3)),
-                                          (NoGradView, (3, 3))])
+                                          (NoGradView, (3, 3)), (HooksAndParametrizations, (3, 3))])
 def test_captured_models_give_torchs_kernel(cls, x_shape):
     module, x = _module(cls), _x(*x_shape)
     model = from_torch(module, x, mode="export")

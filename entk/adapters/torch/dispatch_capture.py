@@ -27,7 +27,13 @@ Nothing about the model may be lost on the way, so `capture` records only what i
   use of a tensor that an in-place op changed through another view. An in-place op on a tensor of its
   own is recorded as its functional form (`relu_` as `relu`), the tensor rebound to the result;
 - an op with neither a translation (`aten.py`) nor a core-ATen decomposition; training mode (running
-  statistics are written), tensors off the CPU.
+  statistics are written), tensors off the CPU, TorchScript modules.
+
+The recording is then checked against PyTorch itself: every tensor the program reads must have
+`requires_grad` exactly where the graph makes it depend on a parameter through differentiable ops,
+so whatever PyTorch decided at the autograd level out of the recording's sight shows up as a refusal.
+For the duration of the forward, `torch.autograd.Function.apply` and the autograd engine refuse in
+every thread (as torch.export's own context patches `Function.apply`).
 
 PyTorch's autograd semantics are kept as export mode keeps them: `aten.detach` stays in the graph (a
 stop-gradient), and every floating-point result of an op that ran with gradients disabled
@@ -90,6 +96,8 @@ def capture(module: torch.nn.Module, args: tuple, kwargs: dict) -> CachedProgram
     state = [t for _, t in module.named_parameters()] + [t for _, t in module.named_buffers()]
     if any(not isinstance(t, torch.Tensor) or t.device.type != "cpu" for t in leaves + state):
         raise Refused("an input, parameter or buffer is not a CPU tensor")
+    if any(isinstance(m, torch.jit.ScriptModule) for m in module.modules()):
+        raise Refused("TorchScript runs its own interpreter (control flow the recording cannot see)")
     if len({id(t) for t in leaves}) != len(leaves):
         raise Refused("the same tensor object is passed as two inputs")
     recorder = _Recorder(module, leaves)
