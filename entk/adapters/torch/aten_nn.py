@@ -547,6 +547,16 @@ def scaled_dot_product_attention_cpu(query, key, value, dropout_p=0.0, is_causal
     return out, Unavailable("the log-sum-exp of CPU flash attention")
 
 
+@register("_weight_norm_interface")
+def weight_norm_interface(v, g, dim=0):
+    """`(v · g / ‖v‖, ‖v‖)`, the norm over every axis but `dim` (over all of them for `dim=-1`, as
+    `torch.norm_except_dim`): the CPU kernel of `torch._weight_norm` (weight-norm parametrizations,
+    Hugging Face audio models)."""
+    axes = tuple(range(v.ndim)) if dim == -1 else tuple(a for a in range(v.ndim) if a != dim % v.ndim)
+    norm = jnp.sqrt(jnp.sum(v * v, axis=axes, keepdims=True))
+    return v * (g / norm), jnp.reshape(norm, jnp.shape(g))
+
+
 # ---------------------------------------------------------------- embedding and dropout
 
 
