@@ -89,9 +89,10 @@ def enabled() -> bool:
 
 
 def capture(module: torch.nn.Module, args: tuple, kwargs: dict) -> CachedProgram:
-    """Runs `module(*args, **kwargs)` (eval mode, gradients enabled) and returns the program of ATen
-    ops it dispatched, for exactly these input shapes; raises `Refused` where the program would not
-    be exact (see the module docstring). The module and the inputs are not changed."""
+    """Runs `module(*args, **kwargs)` as it is (export mode puts it in eval mode first), gradients
+    enabled, and returns the program of ATen ops it dispatched, for exactly these input shapes;
+    raises `Refused` where the program would not be exact (see the module docstring). The module and
+    the inputs are not changed."""
     leaves, in_spec = torch_pytree.tree_flatten((args, kwargs))
     state = [t for _, t in module.named_parameters()] + [t for _, t in module.named_buffers()]
     if any(not isinstance(t, torch.Tensor) or t.device.type != "cpu" for t in leaves + state):
