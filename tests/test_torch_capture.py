@@ -185,6 +185,18 @@ class InPlaceDetach(_Two):
         return self.b(h * g)
 
 
+class ForcedBatchStatistics(_Two):
+    """Batch norm forced into training mode in eval: PyTorch updates the running statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(4))
+        self.register_buffer("var", torch.ones(4))
+
+    def forward(self, x):
+        return self.b(nn.functional.batch_norm(self.a(x), self.mean, self.var, training=True))
+
+
 class Random(_Two):
     def forward(self, x):
         return self.b(self.a(x) + 0 * torch.randn_like(self.a(x)))
@@ -233,6 +245,7 @@ REFUSED = [
     (WriteThroughView, "another view"),
     (InPlaceDetach, "autograd level"),
     (Random, "random"),
+    (ForcedBatchStatistics, "running statistics"),
     (GradientHook, "autograd level"),
     (CustomFunction, "autograd Function or calls the autograd engine"),
     (GradInForward, "autograd"),

@@ -214,6 +214,8 @@ class _Recorder(TorchDispatchMode):
             raise Refused(f"{func} depends on tensor values (data-dependent control flow or shapes)")
         if torch.Tag.nondeterministic_seeded in func.tags and _dropout(func, args, kwargs) != 0:
             raise Refused(f"{func} is random")
+        if _updates_statistics(func, args, kwargs):
+            raise Refused(f"{func} updates running statistics (batch norm in training mode)")
         if any(not _is_tensor_type(r.type) for r in func._schema.returns):
             raise Refused(f"{func} returns a Python value")
         if not func._schema.returns:  # assertions
@@ -405,6 +407,16 @@ def _dropout(func: Any, args: tuple, kwargs: dict) -> Any:
     if func is not _ops._scaled_dot_product_flash_attention_for_cpu.default:
         return None
     return args[3] if len(args) > 3 else kwargs.get("dropout_p", 0.0)
+
+
+def _updates_statistics(func: Any, args: tuple, kwargs: dict) -> bool:
+    """A batch norm with `training=True` and running statistics writes them, though
+    `native_batch_norm`'s schema does not say so (`F.batch_norm(..., training=True)` in eval mode)."""
+    names = [a.name for a in func._schema.arguments]
+    if "training" not in names or "running_mean" not in names:
+        return False
+    bound = dict(zip(names, args)) | kwargs
+    return bool(bound.get("training")) and bound.get("running_mean") is not None
 
 
 def _data_dependent_index(func: Any, args: tuple) -> bool:
