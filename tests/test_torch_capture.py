@@ -8,6 +8,9 @@ References: torch.func's (or eager autograd's) float64 Jacobians of the module i
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -297,11 +300,10 @@ def test_a_fresh_process_computes_its_first_kernel_without_torch_dynamo(tmp_path
         reference = torch_func_ntk(module, x, None)
         print(json.dumps({"dynamo": dynamo, "kernel": kernel.tolist(), "reference": reference.tolist()}))
     """)
-    env = {**__import__("os").environ, "ENTK_CACHE_DIR": str(tmp_path)}
+    env = {**os.environ, "ENTK_CACHE_DIR": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]),
-                          timeout=600)
+                          cwd=str(pathlib.Path(__file__).resolve().parents[1]), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = __import__("json").loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["dynamo"] is False
     np.testing.assert_allclose(result["kernel"], result["reference"], rtol=1e-4, atol=1e-6)

@@ -11,7 +11,7 @@ Shapes are static: the program serves inputs of exactly the example's shapes, an
 captures again for others (the per-example batch of one, another x2 size), each in milliseconds.
 
 Nothing about the model may be lost on the way, so `capture` records only what it can prove, and
-*refuses* (returns None; export mode then runs torch.export, as before) everything else:
+*refuses* (raises `Refused`; export mode then runs torch.export, as before) everything else:
 
 - control flow or values that depend on tensor data: an op that returns a Python scalar (`.item()`,
   `bool(t)`, `torch.equal`), ops whose output *shape* depends on data (`nonzero`, boolean-mask
@@ -44,6 +44,7 @@ differentiate what PyTorch does not.
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 from typing import Any, Iterator
 
@@ -54,7 +55,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from entk.adapters.torch import aten
 from entk.adapters.torch.graph_translation import RecordedTensor
-from entk.adapters.torch.program_cache import CachedProgram, _CallSpec, _Holder
+from entk.adapters.torch.program_cache import CachedProgram
 
 _ops = torch.ops.aten
 
@@ -63,7 +64,8 @@ class Refused(Exception):
     """The forward did something `capture` cannot record exactly (the reason is the message)."""
 
 
-# Ops whose output shape depends on the values of their inputs.
+# Ops whose output shape, or Python result, depends on the values of their inputs (the ones returning
+# a Python value are refused anyway; listed so the reason says "depends on tensor values").
 _DATA_DEPENDENT_SHAPES = frozenset({
     "nonzero", "masked_select", "unique", "unique_dim", "unique_consecutive", "_unique", "_unique2",
     "unique_dim_consecutive", "repeat_interleave", "bincount", "histc", "histogram", "argwhere",
@@ -221,7 +223,7 @@ class _Recorder(TorchDispatchMode):
         if not func._schema.returns:  # assertions
             return func(*args, **kwargs)
         written = [a for a in func._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
-        target = self._in_place_target(func, written, args, kwargs)
+        target = self._in_place_target(func, written, args)
         op = func if target is None else _functional(func)
         if aten.lookup(op) is None and op not in _LITERALS:
             decomposition = self._decomposition(func)
@@ -254,7 +256,7 @@ class _Recorder(TorchDispatchMode):
                 self.grad[self.nodes[id(t)]] = flows
         return out
 
-    def _in_place_target(self, func: Any, written: list, args: tuple, kwargs: dict) -> Any:
+    def _in_place_target(self, func: Any, written: list, args: tuple) -> Any:
         """The tensor an in-place op writes, None for a functional op; refuses other writes."""
         if not written:
             return None
@@ -270,8 +272,6 @@ class _Recorder(TorchDispatchMode):
         return target
 
     def _bind_outputs(self, out: Any, node: torch.fx.Node, detach: bool) -> None:
-        import operator
-
         if isinstance(out, torch.Tensor):
             self._bind(out, self._detached(out, node) if detach else node)
             return
@@ -302,10 +302,10 @@ class _Recorder(TorchDispatchMode):
     # ------------------------------------------------------------ the program
 
     def check_gradients(self) -> None:
-        """Refuses unless every recorded tensor the program reads requires grad in PyTorch exactly where the graph
-        makes its value depend on a parameter through differentiable ops: whatever PyTorch decided
-        at the autograd level, out of the recording's sight (`t.detach_()`, grad-mode tricks), shows
-        up here as a disagreement. Factories of a tensor's shape (`zeros_like`, ...) are exempt: their
+        """Refuses unless every recorded tensor the program reads requires grad in PyTorch exactly
+        where the graph makes its value depend on a parameter through differentiable ops: whatever
+        PyTorch decided at the autograd level, out of the recording's sight (`t.detach_()`, grad-mode
+        tricks), shows up here as a disagreement. Factories of a tensor's shape (`zeros_like`, ...) are exempt: their
         translations have zero derivative, as PyTorch's outputs have none."""
         live = set(self.graph.nodes)  # after dead code elimination: unread results are exempt
         seen: set[int] = set()
@@ -339,8 +339,8 @@ class _Recorder(TorchDispatchMode):
         self.graph.output(tuple(results))
         self.graph.eliminate_dead_code()
         self.check_gradients()
-        return CachedProgram(_Holder(self.graph), gs.ExportGraphSignature(self.specs, outputs),
-                             _CallSpec(in_spec, out_spec), dict(self.constants))
+        return CachedProgram.of(self.graph, gs.ExportGraphSignature(self.specs, outputs), in_spec,
+                                out_spec, dict(self.constants))
 
 
 class _TensorMethodGuard(TorchFunctionMode):

@@ -300,6 +300,12 @@ class CachedProgram:
     def graph(self) -> torch.fx.Graph:
         return self.graph_module.graph
 
+    @classmethod
+    def of(cls, graph: torch.fx.Graph, signature: Any, in_spec: Any, out_spec: Any,
+           constants: dict) -> "CachedProgram":
+        """A program from its graph, `ExportGraphSignature`, input/output TreeSpecs and constants."""
+        return cls(_Holder(graph), signature, _CallSpec(in_spec, out_spec), constants)
+
 
 @dataclasses.dataclass
 class _Holder:
@@ -348,9 +354,9 @@ def decode(data: dict, module: torch.nn.Module) -> CachedProgram:
         if value is None or value.dtype != dtype or list(value.shape) != record["shape"]:
             raise ValueError(f"constant {name!r} is not the module's tensor it was")
         constants[name] = value
-    return CachedProgram(_Holder(graph), gs.ExportGraphSignature(inputs, outputs),
-                         _CallSpec(torch_pytree.treespec_loads(data["in_spec"]),
-                                   torch_pytree.treespec_loads(data["out_spec"])), constants)
+    return CachedProgram.of(graph, gs.ExportGraphSignature(inputs, outputs),
+                            torch_pytree.treespec_loads(data["in_spec"]),
+                            torch_pytree.treespec_loads(data["out_spec"]), constants)
 
 
 def _decode_target(record: list) -> Any:
