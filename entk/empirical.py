@@ -12,6 +12,7 @@ Conventions are neural-tangents' (so its users feel at home), for every output l
 from __future__ import annotations
 
 import collections
+import inspect
 from typing import Any, Callable, Sequence
 
 import jax
@@ -21,6 +22,7 @@ from entk._get import canonical_get
 from entk.algorithms import Strategy
 from entk.algorithms.axes import KernelAxes
 from entk.algorithms.call import kernel_settings, prepare
+from entk.kernel_programs import NtkPrograms
 from entk.model import ALL_STRATEGIES, Model
 
 PyTree = Any
@@ -241,6 +243,13 @@ def _compiled_kernel_fn(model: Model, kind: str, settings: dict) -> Callable[...
             return make(bound, **settings)(x1, x2, params)
 
         per_fn[key] = jax.jit(kernel)
+        if kind == "ntk":  # the first call's path: see entk/kernel_programs.py
+            full = inspect.signature(empirical_ntk_fn).bind(fn, **settings)
+            full.apply_defaults()
+            ntk_settings = dict(full.arguments)
+            del ntk_settings["f"]
+            _check_supported(Strategy.parse(ntk_settings["implementation"]), capabilities)
+            per_fn[key] = NtkPrograms(fn, capabilities, ntk_settings, traced=per_fn[key])
     compiled = per_fn[key]
     return lambda x1, x2, params: compiled(x1, x2, params, model.state)
 

@@ -30,8 +30,10 @@ params = (jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), jnp.full((4,), 0.1),
           jnp.linspace(0.5, -0.5, 8).reshape(4, 2))
 x = jnp.linspace(-2.0, 2.0, 6).reshape(2, 3)
 assert _compilation_cache.cache_dir() is None or sys.argv[2] == "user"  # not enabled by the import
-fn = jax.jit(entk.empirical_ntk_fn(f, implementation=sys.argv[1]))
-kernel = fn(x, None, params)
+if sys.argv[1] == "one-liner":  # entk.ntk with its defaults: auto, vmap_axes="auto"
+    kernel = entk.ntk(entk.Model.from_function(f, params), x)
+else:
+    kernel = jax.jit(entk.empirical_ntk_fn(f, implementation=sys.argv[1]))(x, None, params)
 d = _compilation_cache.cache_dir()
 print(json.dumps({"hits": events["hits"], "misses": events["misses"],
                   "dir": None if d is None else str(d), "state": _compilation_cache.enable(),
@@ -66,6 +68,20 @@ def test_second_process_reuses_compiled_kernel(tmp_path):
     second = _run(env)
     assert second["hits"] >= 1 and second["misses"] == 0  # every program found, none compiled
     assert _entries(cache) == written  # and no new program written
+    assert second["kernel"] == first["kernel"]
+
+
+def test_second_process_reuses_the_one_liners_program(tmp_path):
+    """`entk.ntk` with its defaults: the first process lowers auto's candidates and runs the winner's
+    program as lowered there; the second finds the decision stored, lowers that strategy alone, and
+    gets the very same program, so XLA compiles nothing."""
+    env = {"ENTK_CACHE_DIR": str(tmp_path)}
+    first = _run(env, implementation="one-liner")
+    assert first["misses"] >= 1 and first["hits"] == 0
+    written = _entries(tmp_path / "xla")
+    second = _run(env, implementation="one-liner")
+    assert second["hits"] >= 1 and second["misses"] == 0
+    assert _entries(tmp_path / "xla") == written
     assert second["kernel"] == first["kernel"]
 
 

@@ -146,16 +146,47 @@ def test_near_tie_is_broken_by_timing_both_candidates(monkeypatch):
     assert all(est.measured_s is None for est in estimates)
 
 
+NTVP_BOUND_CASES = [  # (model, x2 given, trace_axes, diagonal_axes, vmap_axes): each NTVP form
+    ("mlp", True, (), (), None), ("mlp", False, (-1,), (), 0), ("mlp", True, (), (), 0),
+    ("mlp", False, (), (0,), 0), ("conv_nhwc", True, (-1,), (), 0), ("conv_nchw", False, (), (), None),
+    ("multi_axis", True, (-1,), (1,), 0), ("multi_axis", False, (0,), (), 0),
+    ("dict_outputs", True, (), (), 0), ("attention", False, (-1,), (), None),
+    ("scan_rnn", True, (), (), 0), ("embedding", False, (-1,), (), 0),
+]
+
+
+@pytest.mark.parametrize("name, with_x2, trace, diagonal, vmap", NTVP_BOUND_CASES,
+                         ids=[f"{c[0]}-{'x2' if c[1] else 'x1'}-t{c[2]}-d{c[3]}-v{c[4]}"
+                              for c in NTVP_BOUND_CASES])
+def test_ntvp_lower_bound_is_below_its_prediction(name, with_x2, trace, diagonal, vmap):
+    """The bound auto prunes NTVP with never exceeds the time the cost model predicts from NTVP's own
+    lowered program, in every form NTVP takes (whole batch, per-example blocks or columns, diagonal
+    batch, several output leaves, a scan): pruning never drops a strategy the model would pick."""
+    f, params, x1, x2 = jax_models.make(name)
+    x2 = x2 if with_x2 else None
+    ntk_kwargs = {"trace_axes": trace, "diagonal_axes": diagonal, "vmap_axes": vmap}
+    call = cost.prepare_call(f, x1, x2, params, {}, ntk_kwargs)
+    cal = cost.calibration()
+    bound = cost._ntvp_lower_bound_s(call, cal)
+    est = cost.estimate(f, x1, x2, params, {}, Strategy.NTK_VECTOR_PRODUCTS, ntk_kwargs, cal=cal,
+                        call=call)
+    assert 0 < bound <= est.predicted_s
+
+
 def test_ntvp_is_lowered_only_when_its_lower_bound_can_win(monkeypatch, tmp_path):
-    """Auto lowers NTK-vector products last, and only when their lower bound (every output entry of
-    f(x2) through a JVP of f(x1), at the machine's physical peak) is within a close call of a
-    strategy already estimated that fits the budget; a report (`estimates_out`) estimates all."""
+    """Auto lowers NTK-vector products last, and only when their lower bound (`_ntvp_lower_bound_s`)
+    is within a close call of a strategy already estimated that fits the budget; a report
+    (`estimates_out`) estimates all."""
     f, params, x1, x2 = jax_models.make("mlp")
     call = cost.prepare_call(f, x1, x2, params, {}, NTK_KW)
     cal = cost.calibration()
     forward_flops = jax.jit(f).lower(params, x1).cost_analysis()["flops"]
+    param_bytes = sum(p.size * p.dtype.itemsize for p in jax.tree_util.tree_leaves(params))
+    entries = x2.shape[0] * 3  # whole batch: one VJP per output entry of f(x2)
+    fastest = max(cal.flop_rate(x1.dtype.itemsize, kind) for kind in cal.flops_per_s)
     assert cost._ntvp_lower_bound_s(call, cal) == pytest.approx(
-        x2.shape[0] * 3 * forward_flops / max(cal.peak_flops_per_s, *cal.flops_per_s.values()))
+        entries * forward_flops / fastest + entries * param_bytes / cal.bytes_per_s
+        + cal.overhead_s)
 
     lowered: list = []
     real_lower = cost.lower_strategy

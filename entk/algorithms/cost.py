@@ -31,11 +31,12 @@ import numpy as np
 
 from entk import _compilation_cache, algorithms
 from entk.algorithms import Strategy, concrete_strategies
-from entk.algorithms import decision_cache
-from entk.algorithms._apply import split_kwargs
+from entk.algorithms import background, decision_cache
+from entk.algorithms._apply import batch_axes_of_output, split_kwargs
 from entk.algorithms.call import PreparedCall, kernel_settings, prepare
 from entk.algorithms.device import (CALIBRATION_VERSION, Calibration, OutOfBudgetError,
-                                    calibration, default_memory_budget, device_key)
+                                    calibration, default_memory_budget, device_key,
+                                    warm_up_in_background)
 from entk.algorithms.program_flops import classify
 
 PyTree = Any
@@ -79,6 +80,7 @@ class Estimate:
     compile_s: float | None = None
     n_ops: int = 0
     lowered: Any = None        # the traced program, so compiling later does not trace again
+    pending: Any = None        # a `Future` of `lowered.compile()` started in the background
     measured_s: float | None = None   # one timed call, when `select` had to break a near tie
     flops_by_class: dict = dataclasses.field(default_factory=dict)  # `program_flops.classify`
 
@@ -169,13 +171,16 @@ def predict_seconds(flops_by_class: dict, bytes_accessed: float, n_ops: int, ite
 
 def estimate(f: Callable, x1: PyTree, x2: PyTree | None, params: PyTree, kwargs: dict,
              strategy: Strategy, ntk_kwargs: dict, *, compile: bool = False,
-             cal: Calibration | None = None, call: PreparedCall | None = None) -> Estimate:
+             cal: Calibration | None = None, call: PreparedCall | None = None,
+             lowered: Any = None) -> Estimate:
     """FLOPs, bytes, predicted time and a peak-memory bound for one strategy (compiled if asked).
 
-    `call`: the call already prepared from these arguments (`prepare_call`), if any."""
+    `call`: the call already prepared from these arguments (`prepare_call`), if any; `lowered`: the
+    strategy's program already lowered from it (`lower_strategy`), if any."""
     cal = cal or calibration()
     call = call or prepare_call(f, x1, x2, params, kwargs, ntk_kwargs)
-    lowered = lower_strategy(call, strategy, x1, x2, params, kwargs)
+    if lowered is None:
+        lowered = lower_strategy(call, strategy, x1, x2, params, kwargs)
     costs = _analysis(lowered.cost_analysis())
     flops = float(costs.get("flops", 0.0)) + float(costs.get("transcendentals", 0.0))
     bytes_accessed = float(costs.get("bytes accessed", 0.0))
@@ -185,13 +190,36 @@ def estimate(f: Callable, x1: PyTree, x2: PyTree | None, params: PyTree, kwargs:
     est = Estimate(strategy, flops, bytes_accessed, predicted, peak_bytes=bytes_accessed,
                    n_ops=n_ops, lowered=lowered, flops_by_class=by_class)
     if compile:
+        compiled_program(est)
+    return est
+
+
+def compiled_program(est: Estimate) -> Any:
+    """`est`'s compiled program: compiled now if it was not, or awaited if a background compilation
+    was started (`select(..., lowered_out=...)`); XLA's peak memory then replaces the bound."""
+    if est.pending is not None:
+        pending, est.pending = est.pending, None
+        est.compiled, est.compile_s = pending.result()
+    elif not callable(est.compiled):  # not compiled yet (or holds the error of a failed trace)
         start = time.perf_counter()
-        est.compiled = lowered.compile()
+        est.compiled = est.lowered.compile()
         est.compile_s = time.perf_counter() - start
+    if not est.peak_is_exact:
         peak = compiled_peak_bytes(est.compiled)
         if peak is not None:
             est.peak_bytes, est.peak_is_exact = peak, True
-    return est
+    return est.compiled
+
+
+def _compile_in_background(lowered: Any) -> Any:
+    """A `Future` of `(lowered.compile(), seconds)` on entk's background worker (`compiled_program`
+    awaits it)."""
+    def work() -> tuple[Any, float]:
+        start = time.perf_counter()
+        compiled = lowered.compile()
+        return compiled, time.perf_counter() - start
+
+    return background.submit(work)
 
 
 def asymptotic_flops(strategy: Strategy, *, n1: int, n2: int, out_per_example: int,
@@ -218,11 +246,18 @@ def _decision_key(f, x1, x2, params, kwargs, ntk_kwargs, budget, candidates) -> 
 
 def select(f: Callable, x1: PyTree, x2: PyTree | None, params: PyTree, kwargs: dict,
            ntk_kwargs: dict, *, capabilities: Iterable[str], memory_budget: int | None = None,
-           estimates_out: list | None = None, call: PreparedCall | None = None) -> Strategy:
+           estimates_out: list | None = None, call: PreparedCall | None = None,
+           lowered_out: dict | None = None) -> Strategy:
     """The predicted-fastest strategy whose peak memory fits `memory_budget` (see module docstring).
 
     `call`: these arguments already prepared (`entk.algorithms.call.prepare`, as `empirical_ntk_fn`
     does before selecting); otherwise they are prepared here, once, when candidates must be lowered.
+    `lowered_out`: a dict that receives `{strategy: Estimate}` for the candidates lowered here, for a
+    caller that runs the chosen program itself (`compiled_program(estimate)`; programs take
+    `(x1, x2, params, array kwargs)`, see `lower_strategy`). Given it, the first candidate lowered
+    (structured derivatives where supported: the usual winner) is compiled on a worker thread while
+    the others are lowered: on a first call, compiling the winner is the longest step, and lowering
+    is Python work that leaves the second core idle. Nothing is lowered when the decision is cached.
     """
     candidates = [s for s in concrete_strategies() if s.short_name in set(capabilities)]
     if not candidates:
@@ -241,22 +276,35 @@ def select(f: Callable, x1: PyTree, x2: PyTree | None, params: PyTree, kwargs: d
             _DECISIONS[key] = stored
             return stored
 
+    warm_up_in_background()  # the calibration's programs compile while the first candidate lowers
     check_model_traces(f, x1, x2, params, kwargs)
     call = call or prepare_call(f, x1, x2, params, kwargs, ntk_kwargs)
-    cal = calibration()
+    cal = None
     estimates = []
-    # NTVP last: it is lowered only if its lower bound leaves it a chance against the others.
-    for strategy in sorted(candidates, key=lambda s: s is Strategy.NTK_VECTOR_PRODUCTS):
-        if (strategy is Strategy.NTK_VECTOR_PRODUCTS and estimates_out is None
-                and _cannot_win(_ntvp_lower_bound_s(call, cal), estimates, budget)):
-            estimates.append(Estimate(strategy, math.inf, math.inf, math.inf, math.inf))
-            continue
+    # SD first (see `lowered_out`); NTVP last: it is lowered only if its lower bound leaves it a
+    # chance against the others.
+    for strategy in sorted(candidates, key=lambda s: (s is Strategy.NTK_VECTOR_PRODUCTS,
+                                                      s is not Strategy.STRUCTURED_DERIVATIVES)):
+        if strategy is Strategy.NTK_VECTOR_PRODUCTS and estimates_out is None:
+            cal = calibration() if cal is None else cal
+            if _cannot_win(_ntvp_lower_bound_s(call, cal), estimates, budget):
+                estimates.append(Estimate(strategy, math.inf, math.inf, math.inf, math.inf))
+                continue
         try:
+            lowered = lower_strategy(call, strategy, x1, x2, params, kwargs)
+            # Measured quietly: before any compilation runs beside it.
+            cal = calibration() if cal is None else cal
+            pending = (_compile_in_background(lowered)
+                       if lowered_out is not None and not lowered_out else None)
             estimates.append(estimate(f, x1, x2, params, kwargs, strategy, ntk_kwargs, cal=cal,
-                                      call=call))
+                                      call=call, lowered=lowered))
+            estimates[-1].pending = pending
         except Exception as error:  # noqa: BLE001 - a strategy that cannot trace is not a candidate
             estimates.append(Estimate(strategy, math.inf, math.inf, math.inf, math.inf))
             estimates[-1].compiled = error
+            continue
+        if lowered_out is not None:
+            lowered_out[strategy] = estimates[-1]
     failed = [e for e in estimates if isinstance(e.compiled, Exception)]
     if len(failed) == len(estimates):
         _raise_first_failure(failed)
@@ -278,6 +326,9 @@ def select(f: Callable, x1: PyTree, x2: PyTree | None, params: PyTree, kwargs: d
                  if est.predicted_s <= MEASURE_WITHIN * choice.predicted_s]
         rival = _first_fitting(close, budget)
         if rival is not None:
+            for est in estimates:  # a compilation running beside the timed calls would slow them
+                if est.pending is not None:
+                    compiled_program(est)
             args = _timing_arguments(x1, x2, params, _split_static(kwargs)[0])
             try:
                 best_s = _time_call(choice, args, give_up_after=math.inf)
@@ -293,16 +344,36 @@ def select(f: Callable, x1: PyTree, x2: PyTree | None, params: PyTree, kwargs: d
 
 
 def _ntvp_lower_bound_s(call: PreparedCall, cal: Calibration) -> float:
-    """Seconds NTVP needs at least: every output entry of f(x2) is pushed through a JVP of f(x1)
-    (Novak et al. 2022), which costs at least f(x1)'s forward FLOPs, at the machine's physical peak.
-    Lowering the forward pass alone is cheaper than lowering NTVP's program (for a ResNet-18 on a
-    2-core CPU, ~0.1 s against ~0.9 s)."""
+    """A lower bound on the time the cost model would predict for NTVP (`predict_seconds`), from the
+    forward pass alone: lowering it is cheaper than lowering NTVP's program (for a ResNet-18 on a 2-core
+    CPU, ~0.1 s against ~0.9 s).
+
+    FLOPs: every output entry of f(x2) is pushed through a JVP of f(x1) (Novak et al. 2022), at least
+    f(x1)'s forward FLOPs each, priced at the fastest calibrated rate (the prediction prices each
+    primitive class at its own rate, none faster). Bytes: every such product first pulls a basis
+    cotangent back to a parameter-shaped vector, which the program writes: at least
+    `min(N1, N2) · (outputs per example) · (parameter bytes)` in each of NTVP's forms (per-example
+    blocks: the VJPs of x1's examples, shared by every x2 example; columns: one VJP per output entry of
+    x2; the whole batch at once: one per output entry of f(x2)), at the calibrated bandwidth.
+    """
     array_kwargs, static_kwargs = _split_static(call.kwargs1)
     forward = jax.jit(lambda p, a, kw: call.f(p, a, **kw, **static_kwargs)).lower(
         _shape_struct(call.params), _shape_struct(call.x1), _shape_struct(array_kwargs))
     flops = float(_analysis(forward.cost_analysis()).get("flops", 0.0))
-    entries = sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(call.out2))
-    return entries * flops / max(cal.peak_flops_per_s, *cal.flops_per_s.values())
+    leaves1, leaves2 = (jax.tree_util.tree_leaves(out) for out in (call.out1, call.out2))
+    entries = sum(math.prod(leaf.shape) for leaf in leaves2)
+    if call.vmap is None:
+        vectors = entries
+    else:
+        axes = batch_axes_of_output(call.out1, call.vmap)
+        vectors = sum(min(a.shape[b], c.shape[b]) * math.prod(a.shape) // max(a.shape[b], 1)
+                      for a, c, b in zip(leaves1, leaves2, axes))
+    param_bytes = sum(math.prod(jnp.shape(p)) * jnp.dtype(jnp.result_type(p)).itemsize
+                      for p in jax.tree_util.tree_leaves(call.params))
+    itemsize = _itemsize(call.params)
+    fastest = max(cal.flop_rate(itemsize, kind) for kind in cal.flops_per_s)
+    return (entries * flops / fastest
+            + FUSED_BYTES_FRACTION * vectors * param_bytes / cal.bytes_per_s + cal.overhead_s)
 
 
 def _cannot_win(lower_bound_s: float, estimates: list[Estimate], budget: int) -> bool:
@@ -379,12 +450,7 @@ def _first_fitting(by_prediction: list[Estimate], budget: int) -> Estimate | Non
         if not math.isfinite(est.predicted_s):
             continue
         if est.peak_bytes > budget and not est.peak_is_exact:  # a loose bound: compile to know
-            start = time.perf_counter()
-            est.compiled = est.lowered.compile()
-            est.compile_s = time.perf_counter() - start
-            peak = compiled_peak_bytes(est.compiled)
-            if peak is not None:
-                est.peak_bytes, est.peak_is_exact = peak, True
+            compiled_program(est)
         if est.peak_bytes <= budget:
             return est
     return None
@@ -410,10 +476,7 @@ def _time_call(est: Estimate, args: tuple, give_up_after: float) -> float:
     """Compiles `est`'s program if needed and times it: the faster of two calls (the first warms up)
     for a short program, one call for a long one. When the first call already takes over twice
     `give_up_after`, that call is the answer: it has lost."""
-    if not callable(est.compiled):  # not compiled yet (or holds the error of a failed trace)
-        start = time.perf_counter()
-        est.compiled = est.lowered.compile()
-        est.compile_s = time.perf_counter() - start
+    compiled_program(est)
     times = []
     # Out of any enclosing trace (entk.ntk jits the whole call): a bridged model's host callback must
     # see concrete arrays, not the tracers of the jit being traced.

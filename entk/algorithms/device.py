@@ -318,56 +318,87 @@ def _conv(x: jax.Array, w: jax.Array) -> jax.Array:
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def _measure(device: jax.Device) -> Calibration:
-    """One run of the micro-benchmarks on `device` (about 0.5 s on a 2-core CPU)."""
+def _conv_weight_grad(x: jax.Array, g: jax.Array, w: jax.Array) -> jax.Array:
+    return jax.vjp(lambda k: _conv(x, k), w)[1](g)[0]
+
+
+def _matmul_chain(u: jax.Array, m: jax.Array) -> jax.Array:
+    """Dependent small matmuls: nothing to fuse, so each costs one operation."""
+    for _ in range(_CHAIN):
+        u = jnp.tanh(u @ m)
+    return u
+
+
+# The micro-benchmarks' programs, jitted once per process: `warm_up_in_background` compiles them
+# (their compilation is most of a calibration's time) and `_measure`'s calls then find them compiled.
+_MATMUL = jax.jit(lambda m: m @ m)
+_CONV = jax.jit(_conv)
+_CONV_WGRAD = jax.jit(_conv_weight_grad)
+_FUSED = jax.jit(_elementwise_chain)
+_ADD_ONE = jax.jit(lambda u: u + 1.0)
+_CHAINED = jax.jit(_matmul_chain)
+
+
+def _inputs(device: jax.Device) -> dict[str, jax.Array]:
+    """The micro-benchmarks' inputs on `device`. Made by NumPy and copied over: `jnp.ones` & co.
+    would each compile a small XLA program (~25 ms apiece on a 2-core CPU; a dozen of them were a
+    third of the calibration)."""
     scale = 1 if device.platform == "cpu" else 4  # accelerators: larger problems to fill them
-    # Inputs are made by NumPy and copied over: `jnp.ones` & co. would each compile a small XLA
-    # program (~25 ms apiece on a 2-core CPU; a dozen of them were a third of the calibration).
     put = functools.partial(jax.device_put, device=device)
-    rates = {}
-    n = 384 * scale
-    a = put(np.ones((n, n), np.float32))
-    matmul = jax.jit(lambda m: m @ m)
-    rates["dot"] = 2 * n ** 3 / _median_time(lambda: matmul(a), 5)
-    float64_factor = 1.0
+    n, b, hw, c = 384 * scale, 8 * scale, 24, 32 * scale  # conv: 3 x 3, c -> c channels, SAME
+    inputs = {"a": put(np.ones((n, n), np.float32)),
+              "x": put(np.ones((b, hw, hw, c), np.float32)),
+              "w": put(np.full((3, 3, c, c), 1 / (9 * c), np.float32)),
+              "e": put(np.full((512 * scale, 512), 0.3, np.float32)),
+              "ew": put(np.full((512,), 0.7, np.float32)),
+              # 32 MiB in, 32 MiB out into fresh pages (past glibc's largest mmap threshold, so every
+              # call maps new memory, as XLA's large temporaries do): stable from call to call.
+              "v": put(np.ones((1 << 23,), np.float32)),
+              "s": put(np.ones((), np.float32)),
+              "m": put(np.eye(8, dtype=np.float32))}
     if jax.config.jax_enable_x64:
-        a64 = put(np.ones((n, n), np.float64))
-        float64_factor = 2 * n ** 3 / _median_time(lambda: matmul(a64), 5) / rates["dot"]
+        inputs["a64"] = put(np.ones((n, n), np.float64))
+    return inputs
 
-    b, hw, c = 8 * scale, 24, 32 * scale  # 3 x 3 convolution, c -> c channels, SAME padding
-    x = put(np.ones((b, hw, hw, c), np.float32))
-    w = put(np.full((3, 3, c, c), 1 / (9 * c), np.float32))
+
+def _calls(i: dict[str, jax.Array]) -> dict[str, Callable[[], Any]]:
+    """Each micro-benchmark as a call of its compiled program on its inputs."""
+    calls = {"dot": lambda: _MATMUL(i["a"]), "conv": lambda: _CONV(i["x"], i["w"]),
+             "conv_wgrad": lambda: _CONV_WGRAD(i["x"], i["x"], i["w"]),
+             "elementwise": lambda: _FUSED(i["e"], i["ew"]), "bandwidth": lambda: _ADD_ONE(i["v"]),
+             "overhead": lambda: _ADD_ONE(i["s"]), "chain": lambda: _CHAINED(i["m"], i["m"])}
+    if "a64" in i:
+        calls["dot64"] = lambda: _MATMUL(i["a64"])
+    return calls
+
+
+def _warm_up(device: jax.Device) -> None:
+    """Compiles (and runs once) every micro-benchmark."""
+    for call in _calls(_inputs(device)).values():
+        jax.block_until_ready(call())
+
+
+def _measure(device: jax.Device) -> Calibration:
+    """One run of the micro-benchmarks on `device` (about 0.5 s on a 2-core CPU, 0.15 s once
+    `warm_up_in_background` has compiled them)."""
+    i = _inputs(device)
+    calls = _calls(i)
+    n, (b, hw, _, c) = i["a"].shape[0], i["x"].shape
+    rates = {"dot": 2 * n ** 3 / _median_time(calls["dot"], 5)}
+    float64_factor = 1.0
+    if "dot64" in calls:
+        float64_factor = 2 * n ** 3 / _median_time(calls["dot64"], 5) / rates["dot"]
     conv_flops = 2 * b * hw * hw * 9 * c * c
-    forward = jax.jit(_conv)
-    rates["conv"] = conv_flops / _median_time(lambda: forward(x, w), 5)
-    weight_grad = jax.jit(lambda u, g: jax.vjp(lambda k: _conv(u, k), w)[1](g)[0])
-    rates["conv_wgrad"] = conv_flops / _median_time(lambda: weight_grad(x, x), 5)
-
-    e = put(np.full((512 * scale, 512), 0.3, np.float32))
-    ew = put(np.full((512,), 0.7, np.float32))
-    fused = jax.jit(_elementwise_chain)
-    costs = fused.lower(e, ew).cost_analysis()
+    rates["conv"] = conv_flops / _median_time(calls["conv"], 5)
+    rates["conv_wgrad"] = conv_flops / _median_time(calls["conv_wgrad"], 5)
+    costs = _FUSED.lower(i["e"], i["ew"]).cost_analysis()
     costs = (costs[0] if isinstance(costs, (list, tuple)) else costs) or {}
-    chain_s = _median_time(lambda: fused(e, ew), 5)
+    chain_s = _median_time(calls["elementwise"], 5)
     rates["elementwise"] = (costs.get("flops", 0.0) + costs.get("transcendentals", 0.0)) / chain_s
     fused_bytes = costs.get("bytes accessed", 0.0) / chain_s
-
-    # 32 MiB in, 32 MiB out into fresh pages (past glibc's largest mmap threshold, so every call maps
-    # new memory, as XLA's large temporaries do): stable from call to call, page faults included.
-    v = put(np.ones((1 << 23,), np.float32))
-    add = jax.jit(lambda u: u + 1.0)
-    bandwidth = 2 * v.nbytes / _median_time(lambda: add(v), 5)
-    s = put(np.ones((), np.float32))
-    overhead = _median_time(lambda: add(s), 20)
-    m = put(np.eye(8, dtype=np.float32))
-
-    def chain(u):  # dependent small matmuls: nothing to fuse, so each costs one operation
-        for _ in range(_CHAIN):
-            u = jnp.tanh(u @ m)
-        return u
-
-    chained = jax.jit(chain)
-    op_overhead = max(_median_time(lambda: chained(m), 5) - overhead, 0.0) / (2 * _CHAIN)
+    bandwidth = 2 * i["v"].nbytes / _median_time(calls["bandwidth"], 5)
+    overhead = _median_time(calls["overhead"], 20)
+    op_overhead = max(_median_time(calls["chain"], 5) - overhead, 0.0) / (2 * _CHAIN)
     peak_flops, peak_bytes = physical_peak(device, 4)
     return Calibration(calibration_key(device), rates, float64_factor, bandwidth, fused_bytes,
                        op_overhead, overhead, peak_flops, peak_bytes,
@@ -442,10 +473,35 @@ def calibration(device: jax.Device | None = None, *, refresh: bool = False) -> C
     path = calibration_path(device)
     cal = None if refresh else _load(path, key)
     if cal is None:
+        warming = _WARMING_UP.pop(memo, None)
+        if warming is not None:
+            warming.exception()  # wait; a failed warm-up only leaves the compiling to `_measure`
         cal = _measure_plausible(device)
         _store(path, cal)
     _CALIBRATIONS[memo] = cal
     return cal
+
+
+_WARMING_UP: dict[str, Any] = {}
+
+
+def warm_up_in_background(device: jax.Device | None = None) -> None:
+    """If the device's calibration will have to be measured (none in memory, none stored), compiles
+    its micro-benchmarks on entk's background worker now (`entk.algorithms.background`), so that
+    their compilation overlaps the caller's work and `calibration()` only times them. Call it before
+    tracing something long, then `calibration()`."""
+    device = device or jax.devices()[0]
+    key = calibration_key(device)
+    memo = json.dumps(key, sort_keys=True)
+    if memo in _CALIBRATIONS or memo in _WARMING_UP:
+        return
+    stored = _load(calibration_path(device), key)
+    if stored is not None:
+        _CALIBRATIONS[memo] = stored
+        return
+    from entk.algorithms import background
+
+    _WARMING_UP[memo] = background.submit(lambda: _warm_up(device))
 
 
 # ----------------------------------------------------------------------------------------------
