@@ -192,8 +192,10 @@ def ntk(model: Any, x1: Any, x2: Any = None, *, params: PyTree = None, **ntk_kwa
     `dict(module.named_parameters())`). Torch tensors in give a torch tensor out (TF and NumPy
     likewise). `ntk_kwargs` are those of `empirical_ntk_fn`, except that `vmap_axes` defaults to
     `"auto"` (per-example computation wherever the batch-independence analysis proves it right; pass
-    `vmap_axes=None` for the whole batch at once). A model is converted once and its kernel
-    function compiled once per set of `ntk_kwargs`, then reused across calls.
+    `vmap_axes=None` for the whole batch at once). A model is converted once and its kernel compiled
+    once per set of `ntk_kwargs` and input shapes, then reused across calls: the first call runs the
+    program `"auto"` lowered to decide, compiled while the other candidates were lowered
+    (`entk/kernel_programs.py`).
 
     Never stale: a torch module's weights are read at every call (without copying), and a change to
     anything its conversion baked in (dtypes, submodules, plain attributes, ...) converts it again;

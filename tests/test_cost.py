@@ -146,7 +146,7 @@ def test_near_tie_is_broken_by_timing_both_candidates(monkeypatch):
     assert all(est.measured_s is None for est in estimates)
 
 
-NTVP_BOUND_CASES = [  # (model, x2 given, trace_axes, diagonal_axes, vmap_axes): each NTVP form
+BOUND_CASES = [  # (model, x2 given, trace_axes, diagonal_axes, vmap_axes): each JC and NTVP form
     ("mlp", True, (), (), None), ("mlp", False, (-1,), (), 0), ("mlp", True, (), (), 0),
     ("mlp", False, (), (0,), 0), ("conv_nhwc", True, (-1,), (), 0), ("conv_nchw", False, (), (), None),
     ("multi_axis", True, (-1,), (1,), 0), ("multi_axis", False, (0,), (), 0),
@@ -155,28 +155,50 @@ NTVP_BOUND_CASES = [  # (model, x2 given, trace_axes, diagonal_axes, vmap_axes):
 ]
 
 
-@pytest.mark.parametrize("name, with_x2, trace, diagonal, vmap", NTVP_BOUND_CASES,
+@pytest.mark.parametrize("strategy", [Strategy.JACOBIAN_CONTRACTION, Strategy.NTK_VECTOR_PRODUCTS],
+                         ids=["jc", "ntvp"])
+@pytest.mark.parametrize("name, with_x2, trace, diagonal, vmap", BOUND_CASES,
                          ids=[f"{c[0]}-{'x2' if c[1] else 'x1'}-t{c[2]}-d{c[3]}-v{c[4]}"
-                              for c in NTVP_BOUND_CASES])
-def test_ntvp_lower_bound_is_below_its_prediction(name, with_x2, trace, diagonal, vmap):
-    """The bound auto prunes NTVP with never exceeds the time the cost model predicts from NTVP's own
-    lowered program, in every form NTVP takes (whole batch, per-example blocks or columns, diagonal
-    batch, several output leaves, a scan): pruning never drops a strategy the model would pick."""
+                              for c in BOUND_CASES])
+def test_lower_bound_is_below_the_prediction(name, with_x2, trace, diagonal, vmap, strategy):
+    """The bound auto prunes a candidate with never exceeds the time the cost model predicts from the
+    candidate's own lowered program, in every form JC and NTVP take (whole batch, per example, blocks
+    or columns, diagonal batch, several output leaves, a scan): pruning never drops a strategy the
+    model would pick."""
     f, params, x1, x2 = jax_models.make(name)
     x2 = x2 if with_x2 else None
     ntk_kwargs = {"trace_axes": trace, "diagonal_axes": diagonal, "vmap_axes": vmap}
     call = cost.prepare_call(f, x1, x2, params, {}, ntk_kwargs)
     cal = cost.calibration()
-    bound = cost._ntvp_lower_bound_s(call, cal)
-    est = cost.estimate(f, x1, x2, params, {}, Strategy.NTK_VECTOR_PRODUCTS, ntk_kwargs, cal=cal,
+    bound = cost._lower_bound_s(strategy, call, cal)
+    est = cost.estimate(f, x1, x2, params, {}, strategy, ntk_kwargs, cal=cal, call=call)
+    assert cal.overhead_s < bound <= est.predicted_s
+
+
+def test_jc_bound_counts_one_loop_step_of_traced_blocks(monkeypatch):
+    """A traced kernel contracted in a loop over blocks of traced entries: XLA's cost analysis counts
+    the loop's body once, and so does the bound."""
+    from entk.algorithms import jacobian_contraction as jc
+
+    f, params, x1, x2 = jax_models.make("mlp")
+    ntk_kwargs = {"trace_axes": (-1,), "diagonal_axes": (), "vmap_axes": 0}
+    call = cost.prepare_call(f, x1, x2, params, {}, ntk_kwargs)
+    whole = jc.written_bytes_lower_bound(f, x1, x2, params, {}, call.axes, call.vmap, call.out1,
+                                         call.out2)
+    monkeypatch.setattr(jc, "_traced_block", lambda *a: 1)  # one entry per step: 3 steps
+    monkeypatch.setattr(jc, "MAX_UNROLLED_STEPS", 2)
+    assert jc.written_bytes_lower_bound(f, x1, x2, params, {}, call.axes, call.vmap, call.out1,
+                                        call.out2) == whole // 3
+    cal = cost.calibration()
+    est = cost.estimate(f, x1, x2, params, {}, Strategy.JACOBIAN_CONTRACTION, ntk_kwargs, cal=cal,
                         call=call)
-    assert 0 < bound <= est.predicted_s
+    assert cost._lower_bound_s(Strategy.JACOBIAN_CONTRACTION, call, cal) <= est.predicted_s
 
 
-def test_ntvp_is_lowered_only_when_its_lower_bound_can_win(monkeypatch, tmp_path):
-    """Auto lowers NTK-vector products last, and only when their lower bound (`_ntvp_lower_bound_s`)
-    is within a close call of a strategy already estimated that fits the budget; a report
-    (`estimates_out`) estimates all."""
+def test_candidates_are_lowered_only_when_their_lower_bound_can_win(monkeypatch, tmp_path):
+    """Auto lowers NTK-vector products last, and a candidate only when its lower bound
+    (`_lower_bound_s`) is within a close call of a strategy already estimated that fits the budget;
+    a report (`estimates_out`) estimates all."""
     f, params, x1, x2 = jax_models.make("mlp")
     call = cost.prepare_call(f, x1, x2, params, {}, NTK_KW)
     cal = cost.calibration()
@@ -184,9 +206,12 @@ def test_ntvp_is_lowered_only_when_its_lower_bound_can_win(monkeypatch, tmp_path
     param_bytes = sum(p.size * p.dtype.itemsize for p in jax.tree_util.tree_leaves(params))
     entries = x2.shape[0] * 3  # whole batch: one VJP per output entry of f(x2)
     fastest = max(cal.flop_rate(x1.dtype.itemsize, kind) for kind in cal.flops_per_s)
-    assert cost._ntvp_lower_bound_s(call, cal) == pytest.approx(
+    assert cost._lower_bound_s(Strategy.NTK_VECTOR_PRODUCTS, call, cal) == pytest.approx(
         entries * forward_flops / fastest + entries * param_bytes / cal.bytes_per_s
         + cal.overhead_s)
+    jacobians = (x1.shape[0] + x2.shape[0]) * 3 * param_bytes  # both sides' Jacobians
+    assert cost._lower_bound_s(Strategy.JACOBIAN_CONTRACTION, call, cal) == pytest.approx(
+        jacobians / cal.bytes_per_s + cal.overhead_s)
 
     lowered: list = []
     real_lower = cost.lower_strategy
@@ -196,7 +221,8 @@ def test_ntvp_is_lowered_only_when_its_lower_bound_can_win(monkeypatch, tmp_path
     for bound, expect_lowered in ((1e9, False), (0.0, True)):  # nothing decided before: no caches
         monkeypatch.setattr(cost.decision_cache, "directory", lambda b=bound: tmp_path / str(b))
         monkeypatch.setattr(cost, "_DECISIONS", {})
-        monkeypatch.setattr(cost, "_ntvp_lower_bound_s", lambda call, cal, bound=bound: bound)
+        monkeypatch.setattr(cost, "_lower_bound_s", lambda strategy, call, cal, bound=bound: (
+            bound if strategy is Strategy.NTK_VECTOR_PRODUCTS else 0.0))
         lowered.clear()
         chosen = cost.select(f, x1, x2, params, {}, NTK_KW, capabilities=CAPS,
                              memory_budget=1 << 30)

@@ -65,6 +65,12 @@ def param_count(params: PyTree) -> int:
     return sum(int(jnp.size(p)) for p in jax.tree_util.tree_leaves(params))
 
 
+def param_bytes(params: PyTree) -> int:
+    """The bytes of one parameter-shaped vector (every leaf at its own dtype)."""
+    return sum(int(jnp.size(p)) * jnp.dtype(jnp.result_type(p)).itemsize
+               for p in jax.tree_util.tree_leaves(params))
+
+
 def split_kwargs(kwargs: dict, x1: PyTree, x2: PyTree | None) -> tuple[dict, dict]:
     """`(kwargs for f(x1), kwargs for f(x2))`, neural-tangents' rules: an `rng` key is shared when x2 is
     None or equals x1, else x2 gets `random.fold_in(rng, 1)`; a 2-tuple gives one value to each side."""

@@ -16,6 +16,12 @@ that fit, never one that does not; when the runner-up that fits is predicted wit
 (a close call, where the model's 2-3x errors could flip the order) and both are cheap, the two are
 compiled and timed and the measured faster wins. The decision is cached per (function, shapes, dtypes,
 axes, budget).
+
+Lowering is most of a decision's cost, so candidates are lowered in order, structured derivatives first,
+and a candidate whose lower bound (`_lower_bound_s`: the bytes its program must write, from the call's
+shapes alone) is already beyond a close call with one estimated is not lowered at all. A caller that
+runs the winner itself (`entk.ntk`, via `select(..., lowered_out=...)`) gets the lowered programs, the
+first one already compiling on a worker thread (`entk.algorithms.background`).
 """
 
 from __future__ import annotations
@@ -31,8 +37,8 @@ import numpy as np
 
 from entk import _compilation_cache, algorithms
 from entk.algorithms import Strategy, concrete_strategies
-from entk.algorithms import background, decision_cache
-from entk.algorithms._apply import batch_axes_of_output, split_kwargs
+from entk.algorithms import background, decision_cache, jacobian_contraction, ntk_vector_products
+from entk.algorithms._apply import split_kwargs
 from entk.algorithms.call import PreparedCall, kernel_settings, prepare
 from entk.algorithms.device import (CALIBRATION_VERSION, Calibration, OutOfBudgetError,
                                     calibration, default_memory_budget, device_key,
@@ -281,13 +287,13 @@ def select(f: Callable, x1: PyTree, x2: PyTree | None, params: PyTree, kwargs: d
     call = call or prepare_call(f, x1, x2, params, kwargs, ntk_kwargs)
     cal = None
     estimates = []
-    # SD first (see `lowered_out`); NTVP last: it is lowered only if its lower bound leaves it a
-    # chance against the others.
+    # SD first (see `lowered_out`); NTVP last. A candidate whose lower bound leaves it no chance
+    # against one already estimated is not lowered (`_lower_bound_s`).
     for strategy in sorted(candidates, key=lambda s: (s is Strategy.NTK_VECTOR_PRODUCTS,
                                                       s is not Strategy.STRUCTURED_DERIVATIVES)):
-        if strategy is Strategy.NTK_VECTOR_PRODUCTS and estimates_out is None:
+        if estimates_out is None and any(math.isfinite(e.predicted_s) for e in estimates):
             cal = calibration() if cal is None else cal
-            if _cannot_win(_ntvp_lower_bound_s(call, cal), estimates, budget):
+            if _cannot_win(_lower_bound_s(strategy, call, cal), estimates, budget):
                 estimates.append(Estimate(strategy, math.inf, math.inf, math.inf, math.inf))
                 continue
         try:
@@ -343,37 +349,35 @@ def select(f: Callable, x1: PyTree, x2: PyTree | None, params: PyTree, kwargs: d
     return choice.strategy
 
 
-def _ntvp_lower_bound_s(call: PreparedCall, cal: Calibration) -> float:
-    """A lower bound on the time the cost model would predict for NTVP (`predict_seconds`), from the
-    forward pass alone: lowering it is cheaper than lowering NTVP's program (for a ResNet-18 on a 2-core
-    CPU, ~0.1 s against ~0.9 s).
+def _lower_bound_s(strategy: Strategy, call: PreparedCall, cal: Calibration) -> float:
+    """A lower bound on the time the cost model would predict for `strategy` (`predict_seconds`), from
+    the call's shapes and the forward pass alone, or 0 where none is known (structured derivatives).
+    Lowering the forward pass is cheaper than lowering a strategy's program (a ResNet-18 on a 2-core
+    CPU: ~0.1 s against 0.3 s for JC, 0.9 s for NTVP).
 
-    FLOPs: every output entry of f(x2) is pushed through a JVP of f(x1) (Novak et al. 2022), at least
-    f(x1)'s forward FLOPs each, priced at the fastest calibrated rate (the prediction prices each
-    primitive class at its own rate, none faster). Bytes: every such product first pulls a basis
-    cotangent back to a parameter-shaped vector, which the program writes: at least
-    `min(N1, N2) · (outputs per example) · (parameter bytes)` in each of NTVP's forms (per-example
-    blocks: the VJPs of x1's examples, shared by every x2 example; columns: one VJP per output entry of
-    x2; the whole batch at once: one per output entry of f(x2)), at the calibrated bandwidth.
+    Bytes: what the strategy's program writes at least, from its own module (`written_bytes_lower_bound`:
+    JC's Jacobians, NTVP's parameter-shaped cotangents), at the calibrated bandwidth. FLOPs (NTVP): every
+    output entry of f(x2) is pushed through a JVP of f(x1) (Novak et al. 2022), at least f(x1)'s
+    forward FLOPs each, at the fastest calibrated rate (the prediction prices each primitive class at
+    its own rate, none faster).
     """
-    array_kwargs, static_kwargs = _split_static(call.kwargs1)
-    forward = jax.jit(lambda p, a, kw: call.f(p, a, **kw, **static_kwargs)).lower(
-        _shape_struct(call.params), _shape_struct(call.x1), _shape_struct(array_kwargs))
-    flops = float(_analysis(forward.cost_analysis()).get("flops", 0.0))
-    leaves1, leaves2 = (jax.tree_util.tree_leaves(out) for out in (call.out1, call.out2))
-    entries = sum(math.prod(leaf.shape) for leaf in leaves2)
-    if call.vmap is None:
-        vectors = entries
+    flops = 0.0
+    if strategy is Strategy.JACOBIAN_CONTRACTION:
+        written = jacobian_contraction.written_bytes_lower_bound(
+            call.f, call.x1, call.x2, call.params, call.kwargs1, call.axes, call.vmap, call.out1,
+            call.out2)
+    elif strategy is Strategy.NTK_VECTOR_PRODUCTS:
+        written = ntk_vector_products.written_bytes_lower_bound(call.params, call.vmap, call.out1,
+                                                                call.out2)
+        array_kwargs, static_kwargs = _split_static(call.kwargs1)
+        forward = jax.jit(lambda p, a, kw: call.f(p, a, **kw, **static_kwargs)).lower(
+            _shape_struct(call.params), _shape_struct(call.x1), _shape_struct(array_kwargs))
+        entries = sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(call.out2))
+        flops = entries * float(_analysis(forward.cost_analysis()).get("flops", 0.0))
     else:
-        axes = batch_axes_of_output(call.out1, call.vmap)
-        vectors = sum(min(a.shape[b], c.shape[b]) * math.prod(a.shape) // max(a.shape[b], 1)
-                      for a, c, b in zip(leaves1, leaves2, axes))
-    param_bytes = sum(math.prod(jnp.shape(p)) * jnp.dtype(jnp.result_type(p)).itemsize
-                      for p in jax.tree_util.tree_leaves(call.params))
-    itemsize = _itemsize(call.params)
-    fastest = max(cal.flop_rate(itemsize, kind) for kind in cal.flops_per_s)
-    return (entries * flops / fastest
-            + FUSED_BYTES_FRACTION * vectors * param_bytes / cal.bytes_per_s + cal.overhead_s)
+        return 0.0
+    fastest = max(cal.flop_rate(_itemsize(call.params), kind) for kind in cal.flops_per_s)
+    return flops / fastest + FUSED_BYTES_FRACTION * written / cal.bytes_per_s + cal.overhead_s
 
 
 def _cannot_win(lower_bound_s: float, estimates: list[Estimate], budget: int) -> bool:

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jex
 
-from entk.algorithms._apply import (batch_axes_of_output, bind_input, output_shapes, param_count,
-                                    per_example)
+from entk.algorithms._apply import (batch_axes_of_output, bind_input, output_shapes, param_bytes,
+                                    param_count, per_example)
 from entk.algorithms.axes import KernelAxes, LeafAxes, VmapAxes
 
 PyTree = Any
@@ -69,6 +69,24 @@ def asymptotic_flops(*, n1: int, n2: int, out_per_example: int, kept_per_pair: i
     """Novak et al. (2022): N·O·[FP] to build the Jacobians + N1·N2·O²·P to contract them (`O²` is
     `kept_per_pair`, the output entries each pair of examples keeps)."""
     return (n1 + n2) * out_per_example * forward_flops + n1 * n2 * kept_per_pair * n_params
+
+
+def written_bytes_lower_bound(f: Callable[..., PyTree], x1: PyTree, x2: PyTree | None,
+                              params: PyTree, kwargs1: dict, axes: KernelAxes,
+                              vmap_axes: VmapAxes | None, fx1: PyTree, fx2: PyTree) -> int:
+    """Bytes the lowered program writes at least, as XLA's cost analysis counts them: the Jacobians,
+    which the method materialises, `N·O·P` entries per side (x1's, and x2's when given). With a loop
+    over traced blocks (`_by_traced_blocks` beyond MAX_UNROLLED_STEPS steps), one step's share, as the
+    analysis counts a loop's body once. `fx1`, `fx2`: `f`'s output shapes on x1 and x2."""
+    sides = [fx1] if x2 is None else [fx1, fx2]
+    entries = sum(math.prod(leaf.shape) for fx in sides for leaf in jax.tree_util.tree_leaves(fx))
+    block = _traced_block(fx1, params, axes, vmap_axes, f, x1, kwargs1)
+    if block is not None:
+        (out,) = jax.tree_util.tree_leaves(fx1)
+        steps = axes.for_leaf(len(out.shape)).trace_size(out.shape) // block
+        if steps > MAX_UNROLLED_STEPS:
+            entries //= steps
+    return entries * param_bytes(params)
 
 
 def empirical_ntk(f: Callable[..., PyTree], x1: PyTree, x2: PyTree | None, params: PyTree,

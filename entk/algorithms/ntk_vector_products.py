@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from entk.algorithms._apply import batch_axes_of_output, output_shapes
+from entk.algorithms._apply import batch_axes_of_output, output_shapes, param_bytes
 from entk.algorithms.axes import KernelAxes, LeafAxes, VmapAxes
 
 PyTree = Any
@@ -43,6 +43,22 @@ def asymptotic_flops(*, n1: int, n2: int, out_per_example: int, kept_per_pair: i
     ≈ N2·O·[FP of the x1 batch] (`kept_per_pair` and `n_params` do not enter)."""
     del kept_per_pair, n_params
     return n2 * out_per_example * (n1 + 1) * forward_flops
+
+
+def written_bytes_lower_bound(params: PyTree, vmap_axes: VmapAxes | None, fx1: PyTree,
+                              fx2: PyTree) -> int:
+    """Bytes the lowered program writes at least, as XLA's cost analysis counts them: every VJP pulls
+    a basis cotangent back to a parameter-shaped vector, `min(N1, N2) · (outputs per example)` of them
+    in each of this module's forms (per-example blocks: the VJPs of x1's examples, shared by every
+    x2 example; columns: one per output entry of x2; the whole batch: one per output entry of f(x2)).
+    `fx1`, `fx2`: `f`'s output shapes on x1 and x2 (the same when x2 is x1)."""
+    leaves1, leaves2 = jax.tree_util.tree_leaves(fx1), jax.tree_util.tree_leaves(fx2)
+    if vmap_axes is None:
+        vectors = sum(math.prod(leaf.shape) for leaf in leaves2)
+    else:
+        vectors = sum(min(a.shape[b], c.shape[b]) * math.prod(a.shape) // max(a.shape[b], 1)
+                      for a, c, b in zip(leaves1, leaves2, batch_axes_of_output(fx1, vmap_axes)))
+    return vectors * param_bytes(params)
 
 
 def empirical_ntk(f: Callable[..., PyTree], x1: PyTree, x2: PyTree | None, params: PyTree,
