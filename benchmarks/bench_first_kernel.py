@@ -23,8 +23,9 @@ second call on new inputs of the same shape (steady state), and the process's pe
 (`resource.getrusage(RUSAGE_SELF).ru_maxrss`, which includes the imports: the torch.func process
 imports JAX and entk too, through bench_torch; the RSS before the first call is in the JSON). Modules
 are in eval mode; float32; CPU. The kernels of entk and torch.func are compared (max |Θ_entk − Θ_func|
-/ max |Θ_func| in float64), for the first and the second inputs. torch.func is skipped (reported as
-an error) where its two Jacobians would not fit comfortably in the available memory (MAX_FUNC_FRACTION).
+/ max |Θ_func| in float64), for the first and the second inputs. Where torch.func's two whole Jacobians
+would not fit comfortably in the available memory (MAX_FUNC_FRACTION), its kernel is made in tiles of
+as many examples as do (`_func_trace_kernel`'s `block`, recorded in the JSON as `func_block`).
 
 Usage:
     python -m benchmarks.bench_first_kernel --cases mlp,cnn,resnet18_n4 --repeats 1
@@ -109,17 +110,37 @@ def _bert() -> Any:
     return BertClassifier()
 
 
-def _func_trace_kernel(fnet_single: Callable, params: dict, x1: Any, x2: Any) -> Any:
-    """The tutorial's Jacobian contraction with compute='trace', averaged over the O outputs."""
+def _func_trace_kernel(fnet_single: Callable, params: dict, x1: Any, x2: Any,
+                       block: int | None = None) -> Any:
+    """The tutorial's Jacobian contraction with compute='trace', averaged over the O outputs.
+
+    `block`: where both sides' whole Jacobians do not fit, the kernel in (x1 block, x2 block) tiles of
+    this many examples, each tile's two Jacobians made and contracted in turn (the upper triangle when
+    x2 is x1, the lower one its transpose)."""
     import torch
     from torch.func import jacrev, vmap
 
-    jac1 = vmap(jacrev(fnet_single), (None, 0))(params, x1)
-    jac1 = [j.flatten(2) for j in jac1.values()]
-    jac2 = vmap(jacrev(fnet_single), (None, 0))(params, x2)
-    jac2 = [j.flatten(2) for j in jac2.values()]
-    out = torch.stack([torch.einsum("Naf,Maf->NM", a, b) for a, b in zip(jac1, jac2)]).sum(0)
-    return out / jac1[0].shape[1]
+    def jacobians(x: Any) -> list:
+        return [j.flatten(2) for j in vmap(jacrev(fnet_single), (None, 0))(params, x).values()]
+
+    def contract(jac1: list, jac2: list) -> Any:
+        out = torch.stack([torch.einsum("Naf,Maf->NM", a, b) for a, b in zip(jac1, jac2)]).sum(0)
+        return out / jac1[0].shape[1]
+
+    if block is None:
+        return contract(jacobians(x1), jacobians(x2))
+    same = x2 is x1
+    tiles: dict = {}
+    for i in range(0, x1.shape[0], block):
+        jac1 = jacobians(x1[i:i + block])
+        for j in range(i if same else 0, x2.shape[0], block):
+            jac2 = jac1 if same and j == i else jacobians(x2[j:j + block])
+            tiles[i, j] = contract(jac1, jac2)
+            if same and j != i:
+                tiles[j, i] = tiles[i, j].T
+            del jac2
+    starts1, starts2 = range(0, x1.shape[0], block), range(0, x2.shape[0], block)
+    return torch.cat([torch.cat([tiles[i, j] for j in starts2], 1) for i in starts1], 0)
 
 
 def _install_entk_probes() -> tuple[dict, dict]:
@@ -169,14 +190,19 @@ def _install_entk_probes() -> tuple[dict, dict]:
     return phases, jax_events
 
 
-def _check_func_memory(case: str, x: Any, params: dict) -> None:
-    need = 2 * x.shape[0] * OUTPUTS.get(case, 10) * sum(p.numel() for p in params.values()) * 4
+def _func_block(case: str, x: Any, params: dict) -> int | None:
+    """None where torch.func's two whole Jacobians (2·N·O·P floats) fit in MAX_FUNC_FRACTION of the
+    available memory, else the most examples per side a tile of `_func_trace_kernel` may take."""
+    per_example = OUTPUTS.get(case, 10) * sum(p.numel() for p in params.values()) * 4
     from benchmarks import bench_torch
 
-    have = bench_torch.available_bytes()
-    if need > MAX_FUNC_FRACTION * have:
-        raise MemoryError(f"skipped: torch.func's Jacobians need ~{need / 2**30:.1f} GiB, more than "
-                          f"{MAX_FUNC_FRACTION:.0%} of the {have / 2**30:.1f} GiB available")
+    allowed = MAX_FUNC_FRACTION * bench_torch.available_bytes()
+    if 2 * x.shape[0] * per_example <= allowed:
+        return None
+    block = int(allowed // (2 * per_example))
+    if block < 1:
+        raise MemoryError(f"skipped: one example's Jacobian needs ~{per_example / 2**30:.1f} GiB")
+    return block
 
 
 def worker(tool: str, case: str, kernel_path: str) -> dict:
@@ -201,11 +227,11 @@ def worker(tool: str, case: str, kernel_path: str) -> dict:
             return entk.ntk(module, inputs)
     else:
         params = {k: v.detach() for k, v in module.named_parameters()}
-        _check_func_memory(case, x, params)
+        block = _func_block(case, x, params)
         fnet_single = bench_torch.single_example_fn(module)
 
         def compute(inputs: Any) -> Any:
-            return _func_trace_kernel(fnet_single, params, inputs, inputs)
+            return _func_trace_kernel(fnet_single, params, inputs, inputs, block)
 
     setup_s = time.perf_counter() - t0
     rss_before = rss_mib()
@@ -223,6 +249,8 @@ def worker(tool: str, case: str, kernel_path: str) -> dict:
            "n_params": sum(p.numel() for p in module.parameters()),
            "input_shape": list(x.shape), "kernel_shape": list(kernels[0].shape),
            "torch_threads": torch.get_num_threads()}
+    if tool == "func":
+        out["func_block"] = block
     if probes is not None:  # copied now: the steady-state comparison below compiles again
         phases, jax_events = probes
         out["entk_phases"] = json.loads(json.dumps(phases))
@@ -366,7 +394,8 @@ def markdown(results: list[dict], command: str, repeats: int) -> str:
         "first: wall time of the first call, model and inputs built, imports done (entk: "
         "`entk.ntk(module, x)` with its defaults = capture (or torch.export) + translation + tracing + auto's "
         "decision + XLA compile + run; torch.func: vmap(jacrev) per-example Jacobians for x1 and "
-        "x2 = x, einsum 'Naf,Maf->NM', / O). second: a second call on new inputs of the same shape. "
+        "x2 = x, einsum 'Naf,Maf->NM', / O; in tiles of examples where the whole Jacobians do not fit, "
+        "see the notes). second: a second call on new inputs of the same shape. "
         "entk cold: fresh empty ENTK_CACHE_DIR (no compilation cache, no stored torch program, no "
         "cost-model calibration); "
         "entk warm: a second process on the same ENTK_CACHE_DIR. Ratios: entk time / torch.func "
@@ -446,6 +475,13 @@ def markdown(results: list[dict], command: str, repeats: int) -> str:
             for run in rs:
                 if "error" in run:
                     lines.append(f"- {r['case']} {key}: error `{run['error'].splitlines()[-1][:200]}`")
+        blocks = {run.get("func_block") for run in r["runs"].get("func", []) if "error" not in run}
+        if blocks - {None}:
+            lines.append(f"- {r['case']} func: both whole Jacobians do not fit in "
+                         f"{MAX_FUNC_FRACTION:.0%} of the available memory; the kernel is made in "
+                         f"tiles of {', '.join(str(b) for b in sorted(blocks - {None}))} examples per "
+                         f"side (each tile's two Jacobians made and contracted, the upper triangle "
+                         f"only).")
     return "\n".join(lines) + "\n"
 
 

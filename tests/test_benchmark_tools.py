@@ -50,3 +50,24 @@ def test_summary_counts_and_geometric_means():
     assert "| sd | 2 | 2/2 | 0.50 | 0.25 | 1.00 | yes |" in table
     assert "| b | 10 | ntvp | skipped: predicted too slow |" in table
     assert "**2.00**" in table  # a ratio above 1.0 is flagged in the per-case table
+
+
+@pytest.mark.parametrize("block", [1, 3])
+def test_first_kernel_torch_func_tiles_give_the_whole_kernel(block):
+    """`bench_first_kernel`'s torch.func reference made in tiles of examples (where its whole
+    Jacobians do not fit) is the tutorial's whole-Jacobian kernel, with x2 = x1 and with another x2."""
+    torch = pytest.importorskip("torch")
+    from benchmarks import bench_torch
+    from benchmarks.bench_first_kernel import _func_trace_kernel
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(),
+                                 torch.nn.Linear(7, 3)).double()
+    params = {k: v.detach() for k, v in module.named_parameters()}
+    f = bench_torch.single_example_fn(module)
+    x, y = torch.randn(7, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    for x2 in (x, y):
+        whole = _func_trace_kernel(f, params, x, x2)
+        assert whole.shape == (7, x2.shape[0])
+        torch.testing.assert_close(_func_trace_kernel(f, params, x, x2, block), whole,
+                                   rtol=1e-12, atol=1e-12)
