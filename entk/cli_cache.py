@@ -1,10 +1,13 @@
 """`entk cache info` / `entk cache clear`: where entk keeps what it learns about this machine, and a reset.
 
-entk keeps four caches, all under `$ENTK_CACHE_DIR` (default `~/.cache/entk`):
+entk keeps five caches, all under `$ENTK_CACHE_DIR` (default `~/.cache/entk`):
 
 - *calibration*: the cost model's measured speed of this device (FLOP/s, bytes/s, per-op overhead),
   from which `auto` and `entk compare` predict times. Measured once (about a second) and reused; if
   it is wrong (e.g. measured while the machine was busy), clear it and it is measured again on next use.
+- *compile-rate*: seconds XLA took per lowered operation of entk's kernel programs on this device
+  (`entk/algorithms/compile_time.py`), from which a first call's compile time is predicted; a running
+  average, learned again from the next compilations once cleared.
 - *xla*: JAX's persistent compilation cache of the kernel programs (`entk/_compilation_cache.py`);
   clearing it only costs recompilation.
 - *decisions*: `auto`'s stored picks per model and shapes (`entk/algorithms/decision_cache.py`);
@@ -24,17 +27,19 @@ from typing import Any
 
 from entk.cli import CommandError, add_command
 
-CACHES = ("calibration", "xla", "decisions", "programs")
+CACHES = ("calibration", "compile-rate", "xla", "decisions", "programs")
 
-DESCRIPTION = ("entk keeps four caches under $ENTK_CACHE_DIR (default ~/.cache/entk): the cost "
+DESCRIPTION = ("entk keeps five caches under $ENTK_CACHE_DIR (default ~/.cache/entk): the cost "
                "model's calibration of this device, from which auto and `entk compare` predict "
-               "times; JAX's compiled kernel programs; auto's stored strategy picks; and PyTorch "
+               "times; how fast XLA compiles entk's programs there; JAX's compiled kernel programs; auto's stored strategy picks; and PyTorch "
                "modules' exported programs. `entk "
                "cache info` shows them, `entk cache clear` deletes them (each is rebuilt on next "
                "use).")
 
 _WHAT = {
     "calibration": "the cost model's measured speed of this device (measured again on next use)",
+    "compile-rate": "XLA's compile time per operation on this device (learned again from the next "
+                    "compilations)",
     "xla": "compiled kernel programs (recompiled on next use)",
     "decisions": "auto's stored strategy picks (compared again on next use)",
     "programs": "PyTorch modules' exported programs (exported again on next use)",
@@ -46,9 +51,11 @@ def _facts() -> tuple[pathlib.Path, dict[str, pathlib.Path | None]]:
     from entk import _compilation_cache
     from entk.adapters import program_store
     from entk.algorithms import decision_cache
+    from entk.algorithms import compile_time
     from entk.algorithms.device import cache_dir, calibration_path
 
-    return cache_dir(), {"calibration": calibration_path(), "xla": _compilation_cache.directory(),
+    return cache_dir(), {"calibration": calibration_path(), "compile-rate": compile_time.path(),
+                         "xla": _compilation_cache.directory(),
                          "decisions": decision_cache.directory(),
                          "programs": program_store.directory()}
 
@@ -100,7 +107,7 @@ def add_parser(subparsers: Any) -> None:
                         description="Delete some of entk's caches; each is rebuilt on next use.")
     for name in CACHES:
         clear.add_argument(f"--{name}", action="store_true", help=f"delete {_WHAT[name]}")
-    clear.add_argument("--all", action="store_true", help="delete all four caches")
+    clear.add_argument("--all", action="store_true", help="delete all five caches")
     clear.set_defaults(func=run_clear)
 
 
@@ -115,9 +122,10 @@ def run_info(args: argparse.Namespace) -> int:
 
 def run_clear(args: argparse.Namespace) -> int:
     """Deletes the caches asked for; prints what was deleted."""
-    chosen = [name for name in CACHES if args.all or getattr(args, name)]
+    chosen = [name for name in CACHES if args.all or getattr(args, name.replace("-", "_"))]
     if not chosen:
-        raise CommandError("say what to clear: --calibration, --xla, --decisions, --programs or --all")
+        raise CommandError("say what to clear: --calibration, --compile-rate, --xla, --decisions, "
+                           "--programs or --all")
     _, paths = _facts()
     for name in chosen:
         path = paths[name]

@@ -10,7 +10,10 @@ new shapes does, once:
    lowers the candidates and compiles the first of them (structured derivatives, the usual winner) on a
    worker thread while it lowers the others;
 3. run *that* program: the winner's lowered program is compiled (or its background compilation
-   awaited), not traced again inside an enclosing `jit`.
+   awaited), not traced again inside an enclosing `jit`. "Winner" for this one call: when compile
+   time is counted (`entk.algorithms.compile_time`), another candidate may finish first than the
+   per-call choice; then that one runs, and the per-call choice compiles in the background and
+   takes over at the first call after it is ready.
 
 Later calls with the same shapes and dtypes call the executable directly. The program is
 `cost.lower_strategy`'s for the chosen strategy, with the model's state (buffers, frozen weights) passed
@@ -28,7 +31,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from entk.algorithms import Strategy
+from entk.algorithms import Strategy, compile_time
 from entk.algorithms.call import kernel_settings, prepare
 
 PyTree = Any
@@ -52,6 +55,7 @@ class NtkPrograms:
         self.settings = settings
         self.traced = traced
         self.executables: dict[Any, Any] = {}
+        self.upgrades: dict[Any, Any] = {}  # signature -> the per-call choice's compiling Estimate
 
         def f(params: PyTree, x: PyTree, **kwargs: Any) -> PyTree:
             (state,) = kwargs.pop(STATE_KWARG)
@@ -70,11 +74,25 @@ class NtkPrograms:
         signature = (treedef, tuple(jax.typeof(leaf) for leaf in leaves), jax.config.x64_enabled)
         executable = self.executables.get(signature)
         if executable is None:
-            executable = self.executables[signature] = self._compile(*args)
+            executable = self.executables[signature] = self._compile(signature, *args)
+        elif signature in self.upgrades and self._ready(self.upgrades[signature]):
+            from entk.algorithms import cost
+
+            executable = self.executables[signature] = cost.compiled_program(
+                self.upgrades.pop(signature))
         return executable(*args)
 
-    def _compile(self, x1: PyTree, x2: PyTree | None, params: PyTree, kwargs: dict) -> Any:
-        """The executable `(x1, x2, params, kwargs) -> NTK` for these arguments' shapes and dtypes."""
+    @staticmethod
+    def _ready(est: Any) -> bool:
+        """Whether an estimate's program is compiled (or its compilation over), without waiting."""
+        return est.pending.done() if est.pending is not None else callable(est.compiled)
+
+    def _compile(self, signature: Any, x1: PyTree, x2: PyTree | None, params: PyTree,
+                 kwargs: dict) -> Any:
+        """The executable `(x1, x2, params, kwargs) -> NTK` for these arguments' shapes and dtypes:
+        the one `"auto"` predicts to finish first, compilation included; when that is not its
+        per-call choice, the per-call choice is compiled in the background and replaces it at the
+        first call after it is ready (`self.upgrades`)."""
         from entk.algorithms import cost
 
         settings = self.settings
@@ -85,20 +103,27 @@ class NtkPrograms:
                                          settings["vmap_axes"])
             call = prepare(self.f, x1, x2, params, kwargs, axes, vmap)
             strategy = Strategy.parse(settings["implementation"])
-            lowered: dict = {}
+            programs = cost.Programs()
             if strategy is Strategy.AUTO:
                 strategy = cost.select(
                     self.f, x1, x2, params, kwargs,
                     {"trace_axes": settings["trace_axes"], "diagonal_axes": settings["diagonal_axes"],
                      "vmap_axes": call.vmap},
                     capabilities=self.capabilities, memory_budget=settings["memory_budget"],
-                    call=call, lowered_out=lowered)
-            if strategy in lowered:
-                found["estimate"] = lowered[strategy]
-            else:
+                    call=call, programs=programs)
+            if strategy not in programs.estimates:  # a decision made before: lower that one alone
                 found["lowered"] = cost.lower_strategy(call, strategy, x1, x2, params, kwargs)
+            elif programs.first_call is None:
+                found["estimate"] = programs.estimates[strategy]
+            else:
+                found["estimate"] = programs.estimates[programs.first_call]
+                found["upgrade"] = programs.estimates[strategy]
 
         jax.eval_shape(plan, x1, x2, params, kwargs)
-        if "estimate" in found:
-            return cost.compiled_program(found["estimate"])
-        return found["lowered"].compile()
+        if "lowered" in found:
+            return compile_time.compile_program(found["lowered"])
+        executable = cost.compiled_program(found["estimate"])
+        if "upgrade" in found:
+            cost.compile_in_background(found["upgrade"])
+            self.upgrades[signature] = found["upgrade"]
+        return executable

@@ -9,7 +9,8 @@
   `KeyboardInterrupt`, and the rerun completes the same kernel as an uninterrupted run;
 - a kernel store accepts the same kernel function wrapped in `jax.jit` (and vice versa) but still
   refuses another model or implementation;
-- `entk cache info` / `entk cache clear` show and delete the calibration, XLA and decision caches.
+- `entk cache info` / `entk cache clear` show and delete the calibration, compile-rate, XLA and
+  decision caches.
 """
 
 from __future__ import annotations
@@ -294,10 +295,13 @@ def test_cache_info_and_clear_in_a_fresh_process(tmp_path):
         "from entk.algorithms import decision_cache, device\n"
         "from entk import _compilation_cache\n"
         "from entk.adapters import program_store\n"
+        "from entk.algorithms import compile_time\n"
         "paths = {'calibration': device.calibration_path(), 'xla': _compilation_cache.directory(),\n"
-        "         'decisions': decision_cache.directory(), 'programs': program_store.directory()}\n"
+        "         'decisions': decision_cache.directory(), 'programs': program_store.directory(),\n"
+        "         'compile-rate': compile_time.path()}\n"
         "paths['calibration'].parent.mkdir(parents=True)\n"
         "paths['calibration'].write_text('{}')\n"
+        "paths['compile-rate'].write_text('{}')\n"
         "for name in ('xla', 'decisions', 'programs'):\n"
         "    paths[name].mkdir(); (paths[name] / 'entry').write_bytes(b'x' * 2000)\n"
         "print('PATHS', json.dumps({k: str(v) for k, v in paths.items()}))\n"
@@ -328,9 +332,12 @@ def test_cache_info_and_clear_in_a_fresh_process(tmp_path):
     assert re.search(r"calibration .*nothing stored yet", second_info)
     assert re.search(r"decisions .*\(1 file, 2.0 kB\)", second_info)
     assert re.search(r"programs .*\(1 file, 2.0 kB\)", second_info)
-    assert all(f"{name}: deleted" in cleared_all for name in ("xla", "decisions", "programs"))
+    assert re.search(rf"compile-rate +{re.escape(paths['compile-rate'])} +\(2 B\)", second_info)
+    assert all(f"{name}: deleted" in cleared_all
+               for name in ("compile-rate", "xla", "decisions", "programs"))
     assert json.loads(re.search(r"^LEFT (.*)$", out, re.M).group(1)) == {
-        "calibration": False, "xla": False, "decisions": False, "programs": False}
+        "calibration": False, "xla": False, "decisions": False, "programs": False,
+        "compile-rate": False}
     assert "TORCH False" in out  # `entk cache` does not import PyTorch
 
 

@@ -3,6 +3,7 @@ its compilation started while the other candidates lower, and the result is the 
 
 from __future__ import annotations
 
+import json
 import threading
 
 import jax
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 import entk
-from entk.algorithms import Strategy, background, cost, device
+from entk.algorithms import Strategy, background, compile_time, cost, device
 from entk.algorithms.call import PreparedCall
 from tests import jax_models
 from tests.reference import assert_close, brute_force_ntk
@@ -103,7 +104,9 @@ def test_background_compilation_keeps_the_callers_precision():
     p = jnp.linspace(0.1, 1.0, 6, dtype=jnp.float64).reshape(3, 2)
     x = jnp.linspace(-1.0, 1.0, 6, dtype=jnp.float64).reshape(2, 3)
     lowered = jax.jit(f).lower(p, x)
-    compiled, _ = cost._compile_in_background(lowered).result()
+    est = cost.Estimate(Strategy.JACOBIAN_CONTRACTION, 0.0, 0.0, 0.0, 0.0, lowered=lowered)
+    cost.compile_in_background(est)
+    compiled = cost.compiled_program(est)
     out = compiled(p, x)
     assert out.dtype == jnp.float64
     np.testing.assert_allclose(np.asarray(out), np.sin(np.asarray(x) @ np.asarray(p)), rtol=1e-15)
@@ -128,3 +131,73 @@ def test_calibration_warm_up_compiles_what_the_measurement_runs(monkeypatch, tmp
     cal = device.calibration()
     assert [program._cache_size() for program in programs] == sizes
     assert cal.flop_rate(4) > 0 and not device._WARMING_UP
+
+
+class _FakeLowered:
+    """A lowered program whose compilation reports what JAX's would: a compile duration, and a cache
+    hit when it was read from the persistent cache."""
+
+    def __init__(self, hit: bool):
+        self.hit = hit
+
+    def as_text(self) -> str:
+        return "%0 = stablehlo.add %a, %b\n%1 = stablehlo.dot_general %0, %0\n"
+
+    def compile(self) -> str:
+        if self.hit:
+            jax.monitoring.record_event("/jax/compilation_cache/cache_hits")
+        jax.monitoring.record_event_duration_secs("/jax/core/compile/backend_compile_duration", 0.5)
+        return "compiled"
+
+
+def test_compile_rate_is_learned_from_real_compilations_only(monkeypatch, tmp_path):
+    """Seconds per lowered operation, averaged over the compilations XLA really made (on the caller's
+    thread or the background worker); cache reads and JAX's in-memory hits do not count."""
+    monkeypatch.setenv("ENTK_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(compile_time, "_RATES", {})
+    assert compile_time.predict_seconds(100) is None
+    assert compile_time.compile_program(_FakeLowered(hit=False)) == "compiled"
+    assert compile_time.predict_seconds(100) == pytest.approx(100 * 0.5 / 2)
+    compile_time.compile_program(_FakeLowered(hit=True))  # a persistent-cache read
+    (stored,) = tmp_path.glob("compile-rate-*.json")
+    assert json.loads(stored.read_text()) == {"seconds_per_op": 0.25, "programs": 1}
+
+    lowered = jax.jit(lambda u: jnp.tanh(u @ u.T) * 0.123).lower(jnp.ones((3, 3)))
+    est = cost.Estimate(Strategy.JACOBIAN_CONTRACTION, 0.0, 0.0, 0.0, 0.0, lowered=lowered)
+    cost.compile_in_background(est)
+    assert callable(cost.compiled_program(est))
+    assert json.loads(stored.read_text())["programs"] == 2
+    compile_time.compile_program(lowered)  # compiled already: JAX's in-memory cache answers
+    assert json.loads(stored.read_text())["programs"] == 2
+    monkeypatch.setattr(compile_time, "_RATES", {})  # a new process reads the average back
+    assert compile_time.predict_seconds(1) == json.loads(stored.read_text())["seconds_per_op"]
+
+
+def test_first_call_takes_what_finishes_first_then_the_per_call_choice(monkeypatch, fresh_decisions):
+    """JC is the per-call choice, but its compilation is predicted long and SD's short: the first call
+    runs SD; JC compiles in the background and serves the calls after it is ready. Both exact."""
+    f, params, x1, x2 = jax_models.make("conv_nhwc")
+    model = entk.Model.from_function(f, params)
+    run_s = {"sd": 1.0, "jc": 1e-3, "ntvp": 10.0}
+    compile_s = {"sd": 0.0, "jc": 100.0, "ntvp": 100.0}
+    real_estimate = cost.estimate
+
+    def estimate(*args, **kwargs):
+        est = real_estimate(*args, **kwargs)
+        est.predicted_s = run_s[est.strategy.short_name]
+        est.compile_predicted_s = compile_s[est.strategy.short_name]
+        return est
+
+    monkeypatch.setattr(cost, "estimate", estimate)
+    expected = brute_force_ntk(f, x1, x2, params)
+    assert_close(entk.ntk(model, x1, x2), expected)
+    assert set(cost._DECISIONS.values()) == {Strategy.JACOBIAN_CONTRACTION}
+    from entk import empirical
+    (programs,) = empirical._COMPILED[id(model.apply_with_state)][1].values()
+    ((signature, upgrade),) = programs.upgrades.items()
+    assert upgrade.strategy is Strategy.JACOBIAN_CONTRACTION
+    first = programs.executables[signature]
+    upgrade.pending.result()  # wait for the background compilation
+    assert_close(entk.ntk(model, x1, x2), expected)
+    assert programs.executables[signature] is upgrade.compiled is not first
+    assert not programs.upgrades

@@ -20,8 +20,10 @@ axes, budget).
 Lowering is most of a decision's cost, so candidates are lowered in order, structured derivatives first,
 and a candidate whose lower bound (`_lower_bound_s`: the bytes its program must write, from the call's
 shapes alone) is already beyond a close call with one estimated is not lowered at all. A caller that
-runs the winner itself (`entk.ntk`, via `select(..., lowered_out=...)`) gets the lowered programs, the
-first one already compiling on a worker thread (`entk.algorithms.background`).
+runs the winner itself (`entk.ntk`, via `select(..., programs=Programs())`) gets the lowered programs,
+the first one already compiling on a worker thread (`entk.algorithms.background`), and, for its first
+call, the candidate predicted to finish first once compile time is counted (`compile_time`: the
+machine's seconds per lowered operation), which may differ from the per-call choice.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ import numpy as np
 
 from entk import _compilation_cache, algorithms
 from entk.algorithms import Strategy, concrete_strategies
-from entk.algorithms import background, decision_cache, jacobian_contraction, ntk_vector_products
+from entk.algorithms import (background, compile_time, decision_cache, jacobian_contraction,
+                             ntk_vector_products)
 from entk.algorithms._apply import split_kwargs
 from entk.algorithms.call import PreparedCall, kernel_settings, prepare
 from entk.algorithms.device import (CALIBRATION_VERSION, Calibration, OutOfBudgetError,
@@ -86,9 +89,28 @@ class Estimate:
     compile_s: float | None = None
     n_ops: int = 0
     lowered: Any = None        # the traced program, so compiling later does not trace again
-    pending: Any = None        # a `Future` of `lowered.compile()` started in the background
+    pending: Any = None        # a `Future` of `lowered.compile()` started in the background ...
+    pending_since: float = 0.0  # ... at this `time.perf_counter()`
+    n_all_ops: int = 0         # every StableHLO operation of `lowered` (what compile time follows)
+    compile_predicted_s: float | None = None  # `compile_time.predict_seconds`; None: no rate yet
     measured_s: float | None = None   # one timed call, when `select` had to break a near tie
     flops_by_class: dict = dataclasses.field(default_factory=dict)  # `program_flops.classify`
+
+
+@dataclasses.dataclass
+class Programs:
+    """What `select` hands a caller that runs the candidates' programs itself (`entk.ntk`).
+
+    Attributes:
+      estimates: `{strategy: Estimate}` of the candidates lowered (their `lowered` programs take
+        `(x1, x2, params, array kwargs)`, see `lower_strategy`; `compiled_program(estimate)` compiles
+        or awaits one). The first one lowered is already compiling on a worker thread.
+      first_call: the candidate predicted to finish first on a call made once, compilation included
+        (`compile_time`), when that is not the per-call choice `select` returns; else None.
+    """
+
+    estimates: dict = dataclasses.field(default_factory=dict)
+    first_call: Strategy | None = None
 
 
 # Operations XLA fuses into their neighbours on every backend: they cost no launch of their own.
@@ -100,10 +122,11 @@ _FUSIBLE = {"add", "subtract", "multiply", "divide", "negate", "maximum", "minim
 
 def count_operations(lowered: Any) -> int:
     """Non-fusible operations in a lowered program (dots, convolutions, gathers, reductions, ...)."""
-    import re
+    return _non_fusible(compile_time.operation_names(lowered))
 
-    names = re.findall(r"=\s*(?:\"?)(stablehlo|chlo|mhlo)\.([a-z_]+)", lowered.as_text())
-    return sum(1 for _, name in names if name not in _FUSIBLE)
+
+def _non_fusible(names: list[str]) -> int:
+    return sum(1 for name in names if name not in _FUSIBLE)
 
 
 def _shape_struct(tree: PyTree) -> PyTree:
@@ -190,11 +213,13 @@ def estimate(f: Callable, x1: PyTree, x2: PyTree | None, params: PyTree, kwargs:
     costs = _analysis(lowered.cost_analysis())
     flops = float(costs.get("flops", 0.0)) + float(costs.get("transcendentals", 0.0))
     bytes_accessed = float(costs.get("bytes accessed", 0.0))
-    n_ops = count_operations(lowered)
+    names = compile_time.operation_names(lowered)
+    n_ops = _non_fusible(names)
     by_class = classify(lowered, flops)
     predicted = predict_seconds(by_class, bytes_accessed, n_ops, _itemsize(params), cal)
     est = Estimate(strategy, flops, bytes_accessed, predicted, peak_bytes=bytes_accessed,
-                   n_ops=n_ops, lowered=lowered, flops_by_class=by_class)
+                   n_ops=n_ops, lowered=lowered, flops_by_class=by_class, n_all_ops=len(names),
+                   compile_predicted_s=compile_time.predict_seconds(len(names)))
     if compile:
         compiled_program(est)
     return est
@@ -202,13 +227,13 @@ def estimate(f: Callable, x1: PyTree, x2: PyTree | None, params: PyTree, kwargs:
 
 def compiled_program(est: Estimate) -> Any:
     """`est`'s compiled program: compiled now if it was not, or awaited if a background compilation
-    was started (`select(..., lowered_out=...)`); XLA's peak memory then replaces the bound."""
+    was started (`compile_in_background`); XLA's peak memory then replaces the bound."""
     if est.pending is not None:
         pending, est.pending = est.pending, None
         est.compiled, est.compile_s = pending.result()
     elif not callable(est.compiled):  # not compiled yet (or holds the error of a failed trace)
         start = time.perf_counter()
-        est.compiled = est.lowered.compile()
+        est.compiled = compile_time.compile_program(est.lowered, est.n_all_ops or None)
         est.compile_s = time.perf_counter() - start
     if not est.peak_is_exact:
         peak = compiled_peak_bytes(est.compiled)
@@ -217,15 +242,19 @@ def compiled_program(est: Estimate) -> Any:
     return est.compiled
 
 
-def _compile_in_background(lowered: Any) -> Any:
-    """A `Future` of `(lowered.compile(), seconds)` on entk's background worker (`compiled_program`
-    awaits it)."""
+def compile_in_background(est: Estimate) -> None:
+    """Starts compiling `est.lowered` on entk's background worker, unless it is compiled or compiling
+    already; `compiled_program(est)` awaits it."""
+    if est.pending is not None or callable(est.compiled):
+        return
+    lowered, n_ops = est.lowered, est.n_all_ops or None
+
     def work() -> tuple[Any, float]:
         start = time.perf_counter()
-        compiled = lowered.compile()
+        compiled = compile_time.compile_program(lowered, n_ops)
         return compiled, time.perf_counter() - start
 
-    return background.submit(work)
+    est.pending, est.pending_since = background.submit(work), time.perf_counter()
 
 
 def asymptotic_flops(strategy: Strategy, *, n1: int, n2: int, out_per_example: int,
@@ -253,17 +282,17 @@ def _decision_key(f, x1, x2, params, kwargs, ntk_kwargs, budget, candidates) -> 
 def select(f: Callable, x1: PyTree, x2: PyTree | None, params: PyTree, kwargs: dict,
            ntk_kwargs: dict, *, capabilities: Iterable[str], memory_budget: int | None = None,
            estimates_out: list | None = None, call: PreparedCall | None = None,
-           lowered_out: dict | None = None) -> Strategy:
+           programs: Programs | None = None) -> Strategy:
     """The predicted-fastest strategy whose peak memory fits `memory_budget` (see module docstring).
 
     `call`: these arguments already prepared (`entk.algorithms.call.prepare`, as `empirical_ntk_fn`
     does before selecting); otherwise they are prepared here, once, when candidates must be lowered.
-    `lowered_out`: a dict that receives `{strategy: Estimate}` for the candidates lowered here, for a
-    caller that runs the chosen program itself (`compiled_program(estimate)`; programs take
-    `(x1, x2, params, array kwargs)`, see `lower_strategy`). Given it, the first candidate lowered
-    (structured derivatives where supported: the usual winner) is compiled on a worker thread while
-    the others are lowered: on a first call, compiling the winner is the longest step, and lowering
-    is Python work that leaves the second core idle. Nothing is lowered when the decision is cached.
+    `programs`: a `Programs` record to fill, for a caller that runs the programs itself. Given it,
+    the first candidate lowered (structured derivatives where supported: the usual winner) is
+    compiled on a worker thread while the others are lowered (on a first call, compiling the winner
+    is the longest step, and lowering is Python work that leaves the second core idle), and
+    `programs.first_call` says which candidate finishes first on a single call. Nothing is lowered
+    when the decision is cached.
     """
     candidates = [s for s in concrete_strategies() if s.short_name in set(capabilities)]
     if not candidates:
@@ -287,7 +316,7 @@ def select(f: Callable, x1: PyTree, x2: PyTree | None, params: PyTree, kwargs: d
     call = call or prepare_call(f, x1, x2, params, kwargs, ntk_kwargs)
     cal = None
     estimates = []
-    # SD first (see `lowered_out`); NTVP last. A candidate whose lower bound leaves it no chance
+    # SD first (see `programs`); NTVP last. A candidate whose lower bound leaves it no chance
     # against one already estimated is not lowered (`_lower_bound_s`).
     for strategy in sorted(candidates, key=lambda s: (s is Strategy.NTK_VECTOR_PRODUCTS,
                                                       s is not Strategy.STRUCTURED_DERIVATIVES)):
@@ -300,17 +329,17 @@ def select(f: Callable, x1: PyTree, x2: PyTree | None, params: PyTree, kwargs: d
             lowered = lower_strategy(call, strategy, x1, x2, params, kwargs)
             # Measured quietly: before any compilation runs beside it.
             cal = calibration() if cal is None else cal
-            pending = (_compile_in_background(lowered)
-                       if lowered_out is not None and not lowered_out else None)
-            estimates.append(estimate(f, x1, x2, params, kwargs, strategy, ntk_kwargs, cal=cal,
-                                      call=call, lowered=lowered))
-            estimates[-1].pending = pending
+            est = estimate(f, x1, x2, params, kwargs, strategy, ntk_kwargs, cal=cal, call=call,
+                           lowered=lowered)
         except Exception as error:  # noqa: BLE001 - a strategy that cannot trace is not a candidate
             estimates.append(Estimate(strategy, math.inf, math.inf, math.inf, math.inf))
             estimates[-1].compiled = error
             continue
-        if lowered_out is not None:
-            lowered_out[strategy] = estimates[-1]
+        estimates.append(est)
+        if programs is not None:
+            if not programs.estimates:
+                compile_in_background(est)
+            programs.estimates[strategy] = est
     failed = [e for e in estimates if isinstance(e.compiled, Exception)]
     if len(failed) == len(estimates):
         _raise_first_failure(failed)
@@ -342,11 +371,35 @@ def select(f: Callable, x1: PyTree, x2: PyTree | None, params: PyTree, kwargs: d
                     choice = rival
             except Exception:  # noqa: BLE001 - e.g. `f` closes over tracers of an enclosing jit,
                 pass           # which the lowered program takes as extra inputs: keep the prediction
+    if programs is not None:
+        first = _finishing_first(choice, estimates, budget)
+        programs.first_call = None if first is choice else first.strategy
     _DECISIONS[key] = choice.strategy
     memory_limited = any(e.predicted_s < choice.predicted_s for e in estimates if e not in failed)
     decision_cache.store(decisions_dir, disk_key, decision_cache.Decision(
         choice.strategy.short_name, float(choice.peak_bytes), budget, memory_limited))
     return choice.strategy
+
+
+def _finishing_first(choice: Estimate, estimates: list[Estimate], budget: int) -> Estimate:
+    """The candidate whose kernel is in hand first on a single call: predicted compile time (what is
+    left of it for one compiling already) plus predicted run time; `choice` unless another one,
+    surely within the budget, is predicted to finish first. Compile times are known once this
+    machine has compiled a kernel program (`compile_time`); without them, `choice`."""
+    now = time.perf_counter()
+
+    def finish(est: Estimate) -> float:
+        if callable(est.compiled):
+            return est.predicted_s
+        if est.compile_predicted_s is None:
+            return math.inf
+        started = now - est.pending_since if est.pending is not None else 0.0
+        return max(est.compile_predicted_s - started, 0.0) + est.predicted_s
+
+    rivals = [e for e in estimates if e is not choice and math.isfinite(e.predicted_s)
+              and e.peak_bytes <= budget and not isinstance(e.compiled, Exception)]
+    best = min(rivals, key=finish, default=choice)
+    return best if finish(best) < finish(choice) else choice
 
 
 def _lower_bound_s(strategy: Strategy, call: PreparedCall, cal: Calibration) -> float:
