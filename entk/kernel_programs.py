@@ -111,7 +111,7 @@ class NtkPrograms:
                      "vmap_axes": call.vmap},
                     capabilities=self.capabilities, memory_budget=settings["memory_budget"],
                     call=call, programs=programs)
-            if strategy not in programs.estimates:  # a decision made before: lower that one alone
+            if strategy not in programs.estimates:  # given, or decided before: lower that one alone
                 found["lowered"] = cost.lower_strategy(call, strategy, x1, x2, params, kwargs)
             elif programs.first_call is None:
                 found["estimate"] = programs.estimates[strategy]
