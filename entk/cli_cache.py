@@ -31,10 +31,9 @@ CACHES = ("calibration", "compile-rate", "xla", "decisions", "programs")
 
 DESCRIPTION = ("entk keeps five caches under $ENTK_CACHE_DIR (default ~/.cache/entk): the cost "
                "model's calibration of this device, from which auto and `entk compare` predict "
-               "times; how fast XLA compiles entk's programs there; JAX's compiled kernel programs; auto's stored strategy picks; and PyTorch "
-               "modules' exported programs. `entk "
-               "cache info` shows them, `entk cache clear` deletes them (each is rebuilt on next "
-               "use).")
+               "times; how fast XLA compiles entk's programs there; JAX's compiled kernel programs; "
+               "auto's stored strategy picks; and PyTorch modules' exported programs. `entk cache "
+               "info` shows them, `entk cache clear` deletes them (each is rebuilt on next use).")
 
 _WHAT = {
     "calibration": "the cost model's measured speed of this device (measured again on next use)",
@@ -50,8 +49,7 @@ def _facts() -> tuple[pathlib.Path, dict[str, pathlib.Path | None]]:
     """entk's cache directory and each cache's path (None: entk does not manage that cache now)."""
     from entk import _compilation_cache
     from entk.adapters import program_store
-    from entk.algorithms import decision_cache
-    from entk.algorithms import compile_time
+    from entk.algorithms import compile_time, decision_cache
     from entk.algorithms.device import cache_dir, calibration_path
 
     return cache_dir(), {"calibration": calibration_path(), "compile-rate": compile_time.path(),

@@ -31,7 +31,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from entk.algorithms import Strategy, compile_time
+from entk.algorithms import Strategy, compile_time, cost
 from entk.algorithms.call import kernel_settings, prepare
 
 PyTree = Any
@@ -75,17 +75,10 @@ class NtkPrograms:
         executable = self.executables.get(signature)
         if executable is None:
             executable = self.executables[signature] = self._compile(signature, *args)
-        elif signature in self.upgrades and self._ready(self.upgrades[signature]):
-            from entk.algorithms import cost
-
+        elif signature in self.upgrades and cost.compile_finished(self.upgrades[signature]):
             executable = self.executables[signature] = cost.compiled_program(
                 self.upgrades.pop(signature))
         return executable(*args)
-
-    @staticmethod
-    def _ready(est: Any) -> bool:
-        """Whether an estimate's program is compiled (or its compilation over), without waiting."""
-        return est.pending.done() if est.pending is not None else callable(est.compiled)
 
     def _compile(self, signature: Any, x1: PyTree, x2: PyTree | None, params: PyTree,
                  kwargs: dict) -> Any:
@@ -93,8 +86,6 @@ class NtkPrograms:
         the one `"auto"` predicts to finish first, compilation included; when that is not its
         per-call choice, the per-call choice is compiled in the background and replaces it at the
         first call after it is ready (`self.upgrades`)."""
-        from entk.algorithms import cost
-
         settings = self.settings
         found: dict[str, Any] = {}
 

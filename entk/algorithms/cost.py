@@ -242,6 +242,12 @@ def compiled_program(est: Estimate) -> Any:
     return est.compiled
 
 
+def compile_finished(est: Estimate) -> bool:
+    """Whether `est`'s program is compiled, or its background compilation over: `compiled_program`
+    would not wait."""
+    return est.pending.done() if est.pending is not None else callable(est.compiled)
+
+
 def compile_in_background(est: Estimate) -> None:
     """Starts compiling `est.lowered` on entk's background worker, unless it is compiled or compiling
     already; `compiled_program(est)` awaits it."""
